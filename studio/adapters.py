@@ -1,0 +1,247 @@
+"""Adapter files: kohya/CivitAI export from PEFT adapters, metadata, hashes, and reading them back."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+
+from studio import atomic
+from studio.models import PICKLE_SUFFIXES, ModelFamily
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Metadata that reveals the artist's captions and folder names; left out of a private export.
+DATASET_METADATA_KEYS = ("ss_tag_frequency", "ss_dataset_dirs", "ss_reg_dataset_dirs", "ss_datasets")
+LEGACY_HASH_OFFSET, LEGACY_HASH_LENGTH = 0x100000, 0x10000
+
+
+def kohya_unet_name(family: ModelFamily, module_path: str) -> str:
+    """The kohya module name of a UNet module given by its diffusers path."""
+    if family.kohya_unet_naming != "diffusers":
+        raise NotImplementedError(f"kohya UNet naming {family.kohya_unet_naming!r} is not implemented yet")
+    return "lora_unet_" + module_path.replace(".", "_")
+
+
+def kohya_te_name(family: ModelFamily, index: int, module_path: str) -> str:
+    """The kohya module name of a module of text encoder `index`, whatever transformers' nesting."""
+    root = family.kohya_te_roots[index] if index < len(family.kohya_te_roots) else family.kohya_te_roots[0]
+    if not module_path.startswith(root):
+        module_path = root + module_path
+    return family.kohya_te_prefix(index) + module_path.replace(".", "_")
+
+
+def _peft_modules(model: torch.nn.Module, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Module path -> (down, up, alpha) for every LoRA layer of `adapter_name` in `model`."""
+    from peft.tuners.lora import LoraLayer
+
+    modules = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+            continue
+        down = module.lora_A[adapter_name].weight.detach()
+        up = module.lora_B[adapter_name].weight.detach()
+        # kohya applies (alpha / rank) * up @ down; express PEFT's scaling (plain or rsLoRA) as that alpha
+        alpha = module.scaling[adapter_name] * module.r[adapter_name]
+        modules[name.removeprefix("base_model.model.")] = (down, up, float(alpha))
+    return modules
+
+
+def kohya_state_dict(
+    family: ModelFamily,
+    unet: torch.nn.Module,
+    text_encoders: list[torch.nn.Module],
+    adapter_name: str = "default",
+) -> dict[str, torch.Tensor]:
+    """The adapter `adapter_name` of the UNet and text encoders as kohya tensors (down, up, alpha per module)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def add(name: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> None:
+        tensors[f"{name}.lora_down.weight"] = down.float().clone().contiguous()
+        tensors[f"{name}.lora_up.weight"] = up.float().clone().contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+
+    for path, (down, up, alpha) in _peft_modules(unet, adapter_name).items():
+        add(kohya_unet_name(family, path), down, up, alpha)
+    for index, text_encoder in enumerate(text_encoders):
+        for path, (down, up, alpha) in _peft_modules(text_encoder, adapter_name).items():
+            add(kohya_te_name(family, index, path), down, up, alpha)
+    if not tensors:
+        raise ValueError(f"no LoRA layers named {adapter_name!r} found in the model")
+    return tensors
+
+
+def payload_offset(data: bytes) -> int:
+    """Byte offset where a serialised safetensors file's tensor payload starts."""
+    if len(data) < 8:
+        raise ValueError("not a safetensors file: shorter than its 8-byte header length")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    return 8 + header_len
+
+
+def model_hash(data: bytes) -> str:
+    """SHA-256 of the tensor payload (kohya `sshs_model_hash`, CivitAI AutoV3)."""
+    return hashlib.sha256(data[payload_offset(data) :]).hexdigest()
+
+
+def legacy_hash(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """kohya `sshs_legacy_hash`: 8 hex of SHA-256 of 64 KiB at 1 MiB into the file with training metadata only."""
+    training_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    data = safetensors_save(dict(tensors), training_only)
+    return hashlib.sha256(data[LEGACY_HASH_OFFSET : LEGACY_HASH_OFFSET + LEGACY_HASH_LENGTH]).hexdigest()[:8]
+
+
+def file_hashes(path: str | Path) -> dict[str, str]:
+    """The hashes CivitAI shows for a file: SHA256, AutoV1, AutoV2, AutoV3 (and A1111's 12-hex LoRA hash)."""
+    data = Path(path).read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    autov3 = model_hash(data)
+    return {
+        "SHA256": sha,
+        "AutoV1": hashlib.sha256(data[LEGACY_HASH_OFFSET : LEGACY_HASH_OFFSET + LEGACY_HASH_LENGTH]).hexdigest()[:8],
+        "AutoV2": sha[:10],
+        "AutoV3": autov3,
+        "a1111_short": autov3[:12],
+    }
+
+
+def save_adapter(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    dtype: str = "fp16",
+) -> dict[str, str]:
+    """Write a kohya adapter atomically in `dtype`, with sshs_* hashes added; return the written metadata."""
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"save dtype {dtype!r} is not one of {', '.join(SAVE_DTYPES)}")
+    bad = [k for k, v in metadata.items() if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"safetensors metadata values must be strings: {', '.join(bad)}")
+    cast = {k: v.detach().to("cpu", SAVE_DTYPES[dtype]).contiguous() for k, v in tensors.items()}
+    for key, value in cast.items():
+        if not torch.isfinite(value).all():
+            raise ValueError(f"refusing to save: tensor {key} has NaN or Inf values")
+    meta = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
+    probe = safetensors_save(cast, meta)
+    meta["sshs_model_hash"] = model_hash(probe)
+    meta["sshs_legacy_hash"] = legacy_hash(cast, meta)
+    atomic.write_bytes(path, safetensors_save(cast, meta))
+    return meta
+
+
+@dataclass
+class AdapterFile:
+    """An adapter read from disk: its tensors and its header metadata."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    @property
+    def module_names(self) -> list[str]:
+        """The kohya module names in the file (keys without .lora_down/.lora_up/.alpha)."""
+        names = {k.rsplit(".lora_", 1)[0] if ".lora_" in k else k.rsplit(".", 1)[0] for k in self.tensors}
+        return sorted(names)
+
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    """Read a .safetensors adapter without executing anything; refuse pickle-based formats."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"{path.name}: {path.suffix} files are Python pickles that can run arbitrary code when loaded; "
+            "only .safetensors adapters are accepted"
+        )
+    if not path.is_file():
+        raise ValueError(f"adapter file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises its own error types for malformed headers
+        raise ValueError(f"{path.name} is not a readable .safetensors file: {exc}") from exc
+    return AdapterFile(path=path, tensors=tensors, metadata=metadata)
+
+
+def training_metadata(
+    family: ModelFamily,
+    *,
+    rank: int,
+    alpha: float,
+    network_args: Mapping[str, object],
+    title: str,
+    prediction_type: str = "epsilon",
+    resolution: int | None = None,
+    trigger_phrase: str | None = None,
+    training: Mapping[str, object] | None = None,
+    dataset: Mapping[str, object] | None = None,
+) -> dict[str, str]:
+    """kohya `ss_*` and SAI ModelSpec metadata for an adapter of `family` (values are strings)."""
+    resolution = resolution or family.resolution
+    now = dt.datetime.now(dt.timezone.utc)
+    meta: dict[str, str] = {
+        "ss_v2": str(family.ss_v2),
+        "ss_base_model_version": family.ss_base_model_version,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": _num(alpha),
+        "ss_network_args": json.dumps(dict(network_args)) if network_args else "None",
+        "ss_output_name": title,
+        "ss_resolution": f"({resolution}, {resolution})",
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{family.modelspec_architecture}/lora",
+        "modelspec.implementation": family.modelspec_implementation,
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": now.replace(microsecond=0).isoformat(),
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+    }
+    if trigger_phrase:
+        meta["modelspec.trigger_phrase"] = trigger_phrase
+    for key, value in (training or {}).items():
+        meta[f"ss_{key}"] = value if isinstance(value, str) else _num(value)
+    for key, value in (dataset or {}).items():
+        meta[f"ss_{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return meta
+
+
+def _num(value: object) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def strip_dataset_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """Metadata without the keys that reveal captions and dataset folder names."""
+    return {k: v for k, v in metadata.items() if k not in DATASET_METADATA_KEYS}
+
+
+def export_adapter(
+    source: str | Path,
+    destination: str | Path,
+    *,
+    include_dataset_metadata: bool = True,
+    dtype: str | None = None,
+    title: str | None = None,
+) -> dict[str, str]:
+    """Re-write an adapter file as a CivitAI-ready kohya file; optionally private, retitled or recast."""
+    adapter = read_adapter(source)
+    metadata = dict(adapter.metadata)
+    if not include_dataset_metadata:
+        metadata = strip_dataset_metadata(metadata)
+    if title:
+        metadata["ss_output_name"] = title
+        metadata["modelspec.title"] = title
+    if dtype is None:
+        first = next(iter(adapter.tensors.values()))
+        dtype = {v: k for k, v in SAVE_DTYPES.items()}.get(first.dtype, "fp16")
+    if Path(source).resolve() == Path(destination).resolve():
+        raise ValueError("export destination is the source file; choose another path")
+    return save_adapter(destination, adapter.tensors, metadata, dtype=dtype)

@@ -1,0 +1,15 @@
+"""Shared fixtures: a tiny SD pipeline built from configs (no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from studio.tiny import build_tiny_pipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny StableDiffusionPipeline saved as a diffusers folder (random weights, char tokenizer)."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_model"), seed=0)

@@ -1,0 +1,179 @@
+"""The DreamBooth-style trainer on a tiny model: learning, resume, prior preservation, checkpoints, bad input."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from studio.adapters import read_adapter
+from studio.models import load_base
+from tests.helpers import write_style_images
+from training.config import TrainConfig
+from training.data import image_to_tensor, open_image
+from training.trainer import Trainer, TrainingCancelled, train
+
+
+def _config(model_dir, data_dir, out: Path, **overrides) -> TrainConfig:
+    values = dict(
+        base=str(model_dir),
+        data_dir=str(data_dir),
+        output=str(out),
+        resolution=64,
+        rank=4,
+        alpha=4.0,
+        max_train_steps=6,
+        batch_size=2,
+        unet_lr=1e-3,
+        text_encoder_lr=1e-3,
+        unet_targets="kohya",
+        train_text_encoder=True,
+        save_dtype="fp32",
+        sample_steps=2,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _fixed_batch_loss(pipeline, data_dir) -> float:
+    """Denoising loss on the data folder's images with fixed noise and timesteps (the same for every call)."""
+    paths = sorted(Path(data_dir).glob("*.png"))
+    generator = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        pixels = torch.stack([image_to_tensor(open_image(p), (64, 64), True, False, None) for p in paths])
+        latents = pipeline.vae.encode(pixels).latent_dist.mean * pipeline.vae.config.scaling_factor
+        ids = pipeline.tokenizer(
+            [p.with_suffix(".txt").read_text() for p in paths], padding="max_length", max_length=77, return_tensors="pt"
+        ).input_ids
+        hidden = pipeline.text_encoder(ids)[0]
+        losses = []
+        for _ in range(8):
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.randint(0, 1000, (len(paths),), generator=generator)
+            noisy = pipeline.scheduler.add_noise(latents, noise, timesteps)
+            losses.append(F.mse_loss(pipeline.unet(noisy, timesteps, hidden).sample, noise).item())
+    return sum(losses) / len(losses)
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_model_dir, tmp_path):
+    data = write_style_images(tmp_path / "data", count=2)
+    for txt in data.glob("*.txt"):  # the trainer prepends the trigger; keep evaluation captions identical
+        txt.write_text("sks, " + txt.read_text())
+    out = tmp_path / "out" / "learned.safetensors"
+    result = train(_config(tiny_model_dir, data, out, max_train_steps=40, unet_lr=3e-3, text_encoder_lr=1e-3))
+    assert result.steps == 40 and len(result.losses) == 40
+    before = _fixed_batch_loss(load_base(str(tiny_model_dir)).pipeline, data)
+    adapted = load_base(str(tiny_model_dir)).pipeline
+    adapted.load_lora_weights(str(out))
+    after = _fixed_batch_loss(adapted, data)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_resume_continues_where_it_stopped_and_ends_like_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    data = write_style_images(tmp_path / "data", count=4)
+    straight = train(_config(tiny_model_dir, data, tmp_path / "a" / "lora.safetensors", checkpoint_every_steps=3))
+
+    config = _config(tiny_model_dir, data, tmp_path / "b" / "lora.safetensors", checkpoint_every_steps=3)
+    steps_seen = []
+
+    def progress(event):
+        if event.phase == "training":
+            steps_seen.append(event.step)
+
+    with pytest.raises(TrainingCancelled):
+        Trainer(config, progress=progress, should_stop=lambda: len(steps_seen) >= 4).run()
+    assert not Path(config.output).exists(), "a stopped run must not leave a final adapter"
+    assert steps_seen == [1, 2, 3, 4]
+    resumed_steps = []
+    resumed = Trainer(config, progress=lambda e: e.phase == "training" and resumed_steps.append(e.step)).run(
+        resume_from=config.resolved_work_dir
+    )
+    assert resumed_steps == [5, 6]
+    assert resumed.losses[:4] == pytest.approx(straight.losses[:4], abs=1e-6)
+    a, b = read_adapter(straight.output).tensors, read_adapter(resumed.output).tensors
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_resume_refuses_a_changed_rank(tiny_model_dir, tmp_path):
+    data = write_style_images(tmp_path / "data", count=2)
+    config = _config(
+        tiny_model_dir, data, tmp_path / "o" / "x.safetensors", checkpoint_every_steps=2, max_train_steps=3
+    )
+    train(config)
+    with pytest.raises(ValueError, match="rank"):
+        train(config.replace(rank=8), resume_from=config.resolved_work_dir)
+
+
+def test_checkpoints_are_loadable_adapters_with_samples(tiny_model_dir, tmp_path):
+    data = write_style_images(tmp_path / "data", count=2)
+    events = []
+    result = train(
+        _config(
+            tiny_model_dir,
+            data,
+            tmp_path / "o" / "x.safetensors",
+            checkpoint_every_steps=2,
+            sample_prompts=["sks, a red circle"],
+        ),
+        progress=events.append,
+    )
+    assert [c.name for c in result.checkpoints] == ["step-000002", "step-000004"]
+    for checkpoint in result.checkpoints:
+        adapter = read_adapter(checkpoint / "adapter.safetensors")
+        assert adapter.metadata["ss_steps"] == str(int(checkpoint.name.split("-")[1]))
+        assert (checkpoint / "samples" / "sample_00.png").is_file()
+        assert (checkpoint / "config.toml").is_file()
+    sample_events = [e for e in events if e.phase == "checkpoint"]
+    assert sample_events and sample_events[0].samples[0].name == "sample_00.png"
+    training = [e for e in events if e.phase == "training"]
+    assert training[-1].eta_seconds == 0 and training[0].lr > 0 and training[0].loss > 0
+
+
+def test_prior_preservation_generates_class_images_once_and_reuses_them(tiny_model_dir, tmp_path):
+    data = write_style_images(tmp_path / "data", count=2)
+    class_dir = tmp_path / "class"
+    config = _config(
+        tiny_model_dir,
+        data,
+        tmp_path / "o1" / "x.safetensors",
+        max_train_steps=2,
+        prior_preservation=True,
+        class_prompt="a drawing",
+        num_class_images=3,
+        class_dir=str(class_dir),
+        prior_loss_weight=0.5,
+    )
+    events = []
+    result = train(config, progress=events.append)
+    images = sorted(class_dir.glob("*.png"))
+    assert len(images) == 3
+    assert sum(e.phase == "class_images" for e in events) == 3
+    assert result.plan.num_class_images == 3
+    assert read_adapter(result.output).metadata["ss_num_reg_images"] == "3"
+    stamps = [p.stat().st_mtime_ns for p in images]
+
+    events.clear()
+    train(config.replace(output=str(tmp_path / "o2" / "x.safetensors")), progress=events.append)
+    assert not [e for e in events if e.phase == "class_images"]
+    assert [p.stat().st_mtime_ns for p in sorted(class_dir.glob("*.png"))] == stamps
+
+
+def test_empty_or_unusable_folder_is_a_clear_error_and_writes_nothing(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "o" / "x.safetensors"
+    with pytest.raises(ValueError, match="no usable training images"):
+        train(_config(tiny_model_dir, empty, out))
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="a.png: not an image"):
+        train(_config(tiny_model_dir, junk, out))
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_missing_base_model_is_a_clear_error(tmp_path):
+    data = write_style_images(tmp_path / "data", count=2)
+    with pytest.raises(ValueError, match="base model not found"):
+        train(_config(tmp_path / "no_such_model", data, tmp_path / "o" / "x.safetensors"))

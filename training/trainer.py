@@ -1,0 +1,733 @@
+"""The DreamBooth-style LoRA training loop (Ruiz et al. 2022, arXiv:2208.12242) on accelerate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from studio import atomic
+from studio.adapters import kohya_state_dict, save_adapter, training_metadata
+from studio.models import BaseModel, load_base
+from training.config import TrainConfig
+from training.data import (
+    DatasetReport,
+    Sample,
+    assign_bucket,
+    batch_schedule,
+    image_to_tensor,
+    make_buckets,
+    open_image,
+    sample_rng,
+    scan_dataset,
+)
+from training.lora import count_parameters, inject_lora, load_lora_state, lora_parameters, lora_state
+
+logger = logging.getLogger(__name__)
+STATE_FORMAT = 1
+# Options that must not change when a run is resumed (they change what the saved state means).
+RESUME_INVARIANTS = (
+    "rank",
+    "alpha",
+    "unet_targets",
+    "train_text_encoder",
+    "text_encoder_targets",
+    "seed",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "optimizer",
+)
+
+
+class TrainingCancelled(Exception):
+    """Raised inside the loop when the caller asked to stop; a resumable checkpoint has been written."""
+
+
+@dataclass
+class TrainProgress:
+    """One progress report: what phase the run is in, and step, loss, learning rate and ETA while training."""
+
+    phase: str
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    elapsed_seconds: float = 0.0
+    eta_seconds: float | None = None
+    message: str = ""
+    samples: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class TrainPlan:
+    """The arithmetic of a run, shown before it starts: images, batches, steps, epochs."""
+
+    num_images: int
+    num_class_images: int
+    repeats: int
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+    images_seen: int
+
+    def describe(self) -> str:
+        """One readable paragraph of the plan."""
+        extra = f" + {self.num_class_images} class images" if self.num_class_images else ""
+        return (
+            f"{self.num_images} images{extra} x {self.repeats} repeat(s) -> {self.batches_per_epoch} batches/epoch, "
+            f"{self.steps_per_epoch} optimizer steps/epoch; {self.total_steps} steps over {self.epochs} epoch(s), "
+            f"{self.images_seen} images seen"
+        )
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output: Path
+    steps: int
+    losses: list[float]
+    checkpoints: list[Path]
+    report: DatasetReport
+    plan: TrainPlan
+    trainable_parameters: int
+    total_parameters: int
+    module_counts: dict[str, int]
+    seconds: float
+
+
+ProgressCallback = Callable[[TrainProgress], None]
+
+
+def resolve_mixed_precision(choice: str, device: torch.device) -> str:
+    """Turn "auto" into bf16 / fp16 on CUDA and "no" (fp32) on CPU."""
+    if choice != "auto":
+        if choice != "no" and device.type != "cuda":
+            raise ValueError(f"mixed_precision {choice!r} needs a CUDA GPU; use 'no' or 'auto' on {device.type}")
+        return choice
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, v_pred: bool):
+    """Min-SNR-gamma loss weights (Hang et al. 2023, arXiv:2303.09556)."""
+    alpha_bar = alphas_cumprod[timesteps]
+    snr = alpha_bar / (1.0 - alpha_bar)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1.0) if v_pred else clipped / snr
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder: `path` itself, or the newest one under `path`/checkpoints."""
+    path = Path(path)
+    if (path / "state.pt").is_file():
+        return path
+    candidates = sorted((path / "checkpoints").glob("step-*/state.pt")) if path.is_dir() else []
+    if not candidates:
+        raise ValueError(f"no resumable checkpoint found in {path}")
+    return candidates[-1].parent
+
+
+class Trainer:
+    """Runs one training config end to end: data, class images, LoRA, loop, checkpoints, samples, export."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        base: BaseModel | None = None,
+        progress: ProgressCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ):
+        if not config.data_dir:
+            raise ValueError("data_dir is empty: give the folder of training images")
+        if not config.output:
+            raise ValueError("output is empty: give the .safetensors file to write")
+        self.config = config
+        self._base = base
+        self._progress = progress or (lambda event: None)
+        self._should_stop = should_stop or (lambda: False)
+        self.work_dir = config.resolved_work_dir
+
+    # ----------------------------------------------------------------- planning
+    def scan(self) -> DatasetReport:
+        """Validate the data folder; raise if nothing is usable."""
+        cfg = self.config
+        report = scan_dataset(cfg.data_dir, cfg.trigger, cfg.instance_prompt)
+        if not report.items:
+            raise ValueError(f"no usable training images in {cfg.data_dir}\n{report.summary()}")
+        return report
+
+    def plan(self, report: DatasetReport, num_batches: int | None = None) -> TrainPlan:
+        """Steps and epochs for `report` under this config."""
+        cfg = self.config
+        instances = len(report.items) * cfg.repeats
+        class_count = instances if cfg.prior_preservation else 0
+        if num_batches is None:  # without buckets assigned, assume every batch is full
+            num_batches = math.ceil((instances + class_count) / cfg.batch_size)
+        steps_per_epoch = max(1, math.ceil(num_batches / cfg.gradient_accumulation_steps))
+        total = cfg.max_train_steps or cfg.epochs * steps_per_epoch
+        epochs = math.ceil(total / steps_per_epoch)
+        return TrainPlan(
+            num_images=len(report.items),
+            num_class_images=cfg.num_class_images if cfg.prior_preservation else 0,
+            repeats=cfg.repeats,
+            batches_per_epoch=num_batches,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total,
+            epochs=epochs,
+            images_seen=total * cfg.batch_size * cfg.gradient_accumulation_steps,
+        )
+
+    # ----------------------------------------------------------------- class images
+    def ensure_class_images(self, base: BaseModel) -> list[Path]:
+        """Generate (once) and return the prior-preservation class images, cached on disk by prompt and model."""
+        cfg = self.config
+        key = hashlib.sha256(f"{base.name}|{cfg.class_prompt}|{cfg.resolution}".encode()).hexdigest()[:12]
+        folder = Path(cfg.class_dir) if cfg.class_dir else self.work_dir / "class_images" / key
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = folder / "class_images.json"
+        if not manifest.exists():
+            info = {"prompt": cfg.class_prompt, "base": base.name, "resolution": cfg.resolution}
+            atomic.write_text(manifest, json.dumps(info, indent=1))
+        paths = [folder / f"class_{i:05d}.png" for i in range(cfg.num_class_images)]
+        missing = [p for p in paths if not p.is_file()]
+        pipe = base.pipeline
+        for done, path in enumerate(missing):
+            self._emit("class_images", message=f"generating class image {done + 1}/{len(missing)}")
+            seed = cfg.seed * 100_003 + int(path.stem.split("_")[1])
+            image = pipe(
+                cfg.class_prompt,
+                num_inference_steps=cfg.sample_steps,
+                guidance_scale=cfg.sample_cfg,
+                height=cfg.resolution,
+                width=cfg.resolution,
+                generator=torch.Generator("cpu").manual_seed(seed),
+            ).images[0]
+            with atomic.atomic_path(path) as tmp:
+                image.save(tmp, format="PNG")
+        return paths
+
+    # ----------------------------------------------------------------- the run
+    def run(self, resume_from: str | Path | None = None) -> TrainResult:
+        """Train, checkpoint and export; resume from a checkpoint folder (or a run folder) if given."""
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        cfg = self.config
+        started = time.time()
+        report = self.scan()
+        resume_state = self._load_resume_state(resume_from) if resume_from else None
+
+        probe_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        precision = resolve_mixed_precision(cfg.mixed_precision, probe_device)
+        accelerator = Accelerator(mixed_precision=precision)
+        device = accelerator.device
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        set_seed(cfg.seed)
+
+        self._emit("loading", message=f"loading base model {cfg.base}")
+        base = self._base or load_base(cfg.base, torch_dtype=weight_dtype, device=device)
+        pipe, family = base.pipeline, base.family
+        scheduler = pipe.scheduler
+        from diffusers import DDPMScheduler
+
+        noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+        prediction_type = noise_scheduler.config.prediction_type
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"base model prediction type {prediction_type!r} is not supported for training")
+
+        class_paths = self.ensure_class_images(base) if cfg.prior_preservation else []
+        samples, sources = self._build_samples(report, class_paths, family.bucket_step)
+        num_batches = len(batch_schedule(samples, cfg.batch_size, cfg.seed, 0))
+        plan = self.plan(report, num_batches)
+        self._emit("planned", total_steps=plan.total_steps, message=plan.describe())
+
+        unet, vae = pipe.unet, pipe.vae
+        text_encoders = base.text_encoders
+        tokenizers = base.tokenizers
+        vae.requires_grad_(False)
+        trained_tes = text_encoders if cfg.train_text_encoder else []
+        module_counts = inject_lora(unet, trained_tes, cfg.lora_spec)
+        for te in text_encoders:
+            if te not in trained_tes:
+                te.requires_grad_(False)
+        for model in [unet, *trained_tes]:
+            for param in lora_parameters(model):
+                param.data = param.data.float()  # LoRA in fp32 over a half-precision base
+        trainable, total = count_parameters([unet, *text_encoders])
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            for te in trained_tes:
+                te.gradient_checkpointing_enable()
+
+        optimizer = self._make_optimizer(unet, trained_tes)
+        from diffusers.optimization import get_scheduler
+
+        lr_scheduler = get_scheduler(
+            cfg.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=cfg.lr_warmup_steps,
+            num_training_steps=plan.total_steps,
+        )
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+        trained_tes = [accelerator.prepare(te) for te in trained_tes]
+
+        noise_rng = torch.Generator("cpu").manual_seed(cfg.seed)
+        global_step, micro_step, losses = 0, 0, []
+        if resume_state is not None:
+            global_step, micro_step, losses = self._restore(
+                resume_state, unet, trained_tes, optimizer, lr_scheduler, noise_rng
+            )
+            self._emit(
+                "resumed", step=global_step, total_steps=plan.total_steps, message=f"resumed at step {global_step}"
+            )
+
+        text_cache = (
+            self._text_embedding_cache(samples, tokenizers, text_encoders, device)
+            if (not cfg.train_text_encoder and cfg.cache_text_embeddings)
+            else None
+        )
+        latent_cache: dict[tuple[int, bool], torch.Tensor] | None = (
+            {} if cfg.cache_latents and cfg.center_crop else None
+        )
+
+        unet.train()
+        for te in trained_tes:
+            te.train()
+        checkpoints: list[Path] = []
+        loop_started, steps_this_session = time.time(), 0
+        scaling = vae.config.scaling_factor
+        alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+        accumulated = 0.0
+
+        while global_step < plan.total_steps:
+            epoch, position = divmod(micro_step, num_batches)
+            batch = batch_schedule(samples, cfg.batch_size, cfg.seed, epoch)[position]
+            flips = [cfg.random_flip and sample_rng(cfg.seed, epoch, i).random() < 0.5 for i in batch]
+            latents = (
+                self._latents(batch, flips, epoch, samples, sources, vae, latent_cache, noise_rng, device, weight_dtype)
+                * scaling
+            )
+            captions = [samples[i].caption for i in batch]
+            if text_cache is not None:
+                hidden = torch.stack([text_cache[c] for c in captions]).to(device)
+            else:
+                with torch.set_grad_enabled(cfg.train_text_encoder):
+                    hidden = self._encode_text(captions, tokenizers[0], text_encoders[0], device)
+
+            noise = torch.randn(latents.shape, generator=noise_rng).to(device)
+            if cfg.noise_offset:
+                offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=noise_rng)
+                noise = noise + cfg.noise_offset * offset.to(device)
+            timesteps = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=noise_rng
+            ).to(device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+
+            with accelerator.autocast():
+                pred = unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype)).sample
+            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            if cfg.min_snr_gamma:
+                per_sample = per_sample * min_snr_weights(
+                    alphas_cumprod, timesteps, cfg.min_snr_gamma, prediction_type == "v_prediction"
+                )
+            weights = torch.tensor([samples[i].weight for i in batch], device=device)
+            loss = (per_sample * weights).mean()
+            accelerator.backward(loss / cfg.gradient_accumulation_steps)
+            accumulated += loss.item() / cfg.gradient_accumulation_steps
+            micro_step += 1
+            if micro_step % cfg.gradient_accumulation_steps:
+                continue
+
+            if cfg.max_grad_norm:
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            steps_this_session += 1
+            losses.append(accumulated)
+            accumulated = 0.0
+
+            elapsed = time.time() - loop_started
+            eta = elapsed / steps_this_session * (plan.total_steps - global_step)
+            self._emit(
+                "training",
+                step=global_step,
+                total_steps=plan.total_steps,
+                epoch=epoch + 1,
+                loss=losses[-1],
+                lr=lr_scheduler.get_last_lr()[0],
+                eta=eta,
+                started=started,
+            )
+
+            epoch_done = micro_step % num_batches == 0
+            due = (cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0) or (
+                cfg.checkpoint_every_epochs and epoch_done and (epoch + 1) % cfg.checkpoint_every_epochs == 0
+            )
+            stop = self._should_stop()
+            if (due or stop) and global_step < plan.total_steps:
+                checkpoints.append(
+                    self._checkpoint(
+                        base,
+                        unet,
+                        trained_tes,
+                        optimizer,
+                        lr_scheduler,
+                        noise_rng,
+                        global_step,
+                        micro_step,
+                        losses,
+                        report,
+                        plan,
+                        started,
+                        accelerator,
+                    )
+                )
+            if stop:
+                raise TrainingCancelled(f"training stopped at step {global_step}; resume from {self.work_dir}")
+
+        accelerator.wait_for_everyone()
+        output = Path(cfg.output)
+        if accelerator.is_main_process:
+            tensors = kohya_state_dict(
+                family, accelerator.unwrap_model(unet), [accelerator.unwrap_model(te) for te in trained_tes]
+            )
+            metadata = self._metadata(base, report, plan, global_step, started, prediction_type)
+            save_adapter(output, tensors, metadata, dtype=cfg.save_dtype)
+            self._samples(base, unet, trained_tes, output.with_name(output.stem + "_samples"))
+        seconds = time.time() - started
+        self._emit(
+            "done",
+            step=global_step,
+            total_steps=plan.total_steps,
+            loss=losses[-1] if losses else None,
+            message=f"wrote {output}",
+            started=started,
+        )
+        return TrainResult(
+            output=output,
+            steps=global_step,
+            losses=losses,
+            checkpoints=checkpoints,
+            report=report,
+            plan=plan,
+            trainable_parameters=trainable,
+            total_parameters=total,
+            module_counts=module_counts,
+            seconds=seconds,
+        )
+
+    # ----------------------------------------------------------------- helpers
+    def _emit(
+        self,
+        phase: str,
+        *,
+        step: int = 0,
+        total_steps: int = 0,
+        epoch: int = 0,
+        loss=None,
+        lr=None,
+        eta=None,
+        message: str = "",
+        started: float | None = None,
+        samples=None,
+    ) -> None:
+        elapsed = time.time() - started if started else 0.0
+        self._progress(
+            TrainProgress(
+                phase=phase,
+                step=step,
+                total_steps=total_steps,
+                epoch=epoch,
+                loss=loss,
+                lr=lr,
+                elapsed_seconds=elapsed,
+                eta_seconds=eta,
+                message=message,
+                samples=list(samples or []),
+            )
+        )
+
+    def _build_samples(self, report: DatasetReport, class_paths: list[Path], bucket_step: int):
+        cfg = self.config
+        if cfg.enable_bucket:
+            buckets = make_buckets(
+                cfg.resolution, bucket_step, min(cfg.min_bucket_resolution, cfg.resolution), cfg.max_bucket_resolution
+            )
+        else:
+            buckets = [(cfg.resolution, cfg.resolution)]
+        samples: list[Sample] = []
+        source_of: list[int] = []
+        for _ in range(cfg.repeats):
+            for index, item in enumerate(report.items):
+                samples.append(Sample(item.path, item.caption, assign_bucket(item.width, item.height, buckets)))
+                source_of.append(index)
+        if class_paths:
+            instance_count = len(samples)
+            for k in range(instance_count):
+                index = k % len(class_paths)
+                samples.append(
+                    Sample(
+                        class_paths[index],
+                        cfg.class_prompt,
+                        (cfg.resolution, cfg.resolution),
+                        weight=cfg.prior_loss_weight,
+                        is_class=True,
+                    )
+                )
+                source_of.append(len(report.items) + index)
+        self._bucket_counts: dict[str, int] = {}
+        for sample in samples:
+            name = f"{sample.bucket[0]}x{sample.bucket[1]}"
+            self._bucket_counts[name] = self._bucket_counts.get(name, 0) + 1
+        return samples, source_of
+
+    def _latents(self, batch, flips, epoch, samples, sources, vae, cache, noise_rng, device, dtype):
+        cfg = self.config
+        params = []
+        for index, flip in zip(batch, flips, strict=True):
+            key = (sources[index], flip)
+            if cache is not None and key in cache:
+                params.append(cache[key])
+                continue
+            sample = samples[index]
+            pixels = image_to_tensor(
+                open_image(sample.path), sample.bucket, cfg.center_crop, flip, sample_rng(cfg.seed, epoch, index)
+            )
+            with torch.no_grad():
+                dist_params = vae.encode(pixels[None].to(device, dtype)).latent_dist.parameters[0].float().cpu()
+            if cache is not None:
+                cache[key] = dist_params
+            params.append(dist_params)
+        stacked = torch.stack(params)
+        mean, logvar = stacked.chunk(2, dim=1)
+        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+        sample = mean + std * torch.randn(mean.shape, generator=noise_rng)
+        return sample.to(device)
+
+    def _encode_text(self, captions, tokenizer, text_encoder, device):
+        ids = tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
+        return text_encoder(ids)[0]
+
+    def _text_embedding_cache(self, samples, tokenizers, text_encoders, device):
+        captions = sorted({s.caption for s in samples})
+        cache = {}
+        with torch.no_grad():
+            for start in range(0, len(captions), 16):
+                chunk = captions[start : start + 16]
+                for caption, hidden in zip(
+                    chunk, self._encode_text(chunk, tokenizers[0], text_encoders[0], device), strict=True
+                ):
+                    cache[caption] = hidden.cpu()
+        return cache
+
+    def _make_optimizer(self, unet, trained_tes):
+        cfg = self.config
+        groups = [{"params": lora_parameters(unet), "lr": cfg.unet_lr}]
+        te_params = [p for te in trained_tes for p in lora_parameters(te)]
+        if te_params:
+            groups.append({"params": te_params, "lr": cfg.text_encoder_lr})
+        betas = (cfg.adam_beta1, cfg.adam_beta2)
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(
+                groups, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, foreach=True
+            )
+        if cfg.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise ValueError(
+                    "optimizer 'adamw8bit' needs bitsandbytes: pip install 'lora-style-studio[gpu]'"
+                ) from None
+            return bnb.optim.AdamW8bit(groups, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise ValueError("optimizer 'prodigy' needs prodigyopt: pip install 'lora-style-studio[prodigy]'") from None
+        return Prodigy(groups, betas=betas, weight_decay=cfg.weight_decay)
+
+    def _metadata(self, base, report, plan, steps, started, prediction_type):
+        cfg = self.config
+        title = cfg.output_name or Path(cfg.output).stem
+        training = {
+            "training_started_at": started,
+            "training_finished_at": time.time(),
+            "steps": steps,
+            "epoch": plan.epochs,
+            "num_train_images": len(report.items) * cfg.repeats,
+            "num_reg_images": plan.num_class_images,
+            "num_batches_per_epoch": plan.batches_per_epoch,
+            "num_epochs": plan.epochs,
+            "max_train_steps": plan.total_steps,
+            "batch_size_per_device": cfg.batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "learning_rate": cfg.unet_lr,
+            "unet_lr": cfg.unet_lr,
+            "text_encoder_lr": cfg.text_encoder_lr if cfg.train_text_encoder else 0.0,
+            "lr_scheduler": cfg.lr_scheduler,
+            "lr_warmup_steps": cfg.lr_warmup_steps,
+            "optimizer": cfg.optimizer,
+            "seed": cfg.seed,
+            "min_snr_gamma": cfg.min_snr_gamma,
+            "noise_offset": cfg.noise_offset,
+            "prior_loss_weight": cfg.prior_loss_weight,
+            "mixed_precision": cfg.mixed_precision,
+            "sd_model_name": base.name,
+            "clip_skip": "None",
+            "enable_bucket": str(cfg.enable_bucket),
+            "bucket_info": json.dumps({"buckets": self._bucket_counts}),
+            "training_comment": "trained with lora-style-studio",
+        }
+        dataset = {
+            "tag_frequency": report.tag_frequency(),
+            "dataset_dirs": {report.root.name: {"n_repeats": cfg.repeats, "img_count": len(report.items)}},
+        }
+        network_args = {"unet_targets": cfg.unet_targets, "dropout": cfg.dropout}
+        if cfg.train_text_encoder:
+            network_args["text_encoder_targets"] = cfg.text_encoder_targets
+        return training_metadata(
+            base.family,
+            rank=cfg.rank,
+            alpha=cfg.alpha,
+            network_args=network_args,
+            title=title,
+            prediction_type=prediction_type,
+            resolution=cfg.resolution,
+            trigger_phrase=cfg.trigger,
+            training=training,
+            dataset=dataset,
+        )
+
+    def _samples(self, base, unet, trained_tes, folder: Path) -> list[Path]:
+        cfg = self.config
+        if not cfg.sample_prompts:
+            return []
+        folder.mkdir(parents=True, exist_ok=True)
+        models = [unet, *trained_tes]
+        for model in models:
+            model.eval()
+        paths = []
+        try:
+            for index, prompt in enumerate(cfg.sample_prompts):
+                image = base.pipeline(
+                    prompt,
+                    num_inference_steps=cfg.sample_steps,
+                    guidance_scale=cfg.sample_cfg,
+                    height=cfg.resolution,
+                    width=cfg.resolution,
+                    generator=torch.Generator("cpu").manual_seed(cfg.sample_seed + index),
+                ).images[0]
+                path = folder / f"sample_{index:02d}.png"
+                with atomic.atomic_path(path) as tmp:
+                    image.save(tmp, format="PNG")
+                paths.append(path)
+        finally:
+            for model in models:
+                model.train()
+        return paths
+
+    def _checkpoint(
+        self,
+        base,
+        unet,
+        trained_tes,
+        optimizer,
+        lr_scheduler,
+        noise_rng,
+        global_step,
+        micro_step,
+        losses,
+        report,
+        plan,
+        started,
+        accelerator,
+    ) -> Path:
+        cfg = self.config
+        target = self.work_dir / "checkpoints" / f"step-{global_step:06d}"
+        if not accelerator.is_main_process:
+            return target
+        unwrapped = accelerator.unwrap_model(unet)
+        tes = [accelerator.unwrap_model(te) for te in trained_tes]
+        with atomic.atomic_dir(target) as tmp:
+            tensors = kohya_state_dict(base.family, unwrapped, tes)
+            metadata = self._metadata(
+                base, report, plan, global_step, started, base.pipeline.scheduler.config.prediction_type
+            )
+            save_adapter(tmp / "adapter.safetensors", tensors, metadata, dtype=cfg.save_dtype)
+            state = {
+                "format": STATE_FORMAT,
+                "global_step": global_step,
+                "micro_step": micro_step,
+                "losses": list(losses),
+                "lora": {
+                    "unet": lora_state(unwrapped),
+                    **{f"text_encoder_{i}": lora_state(te) for i, te in enumerate(tes)},
+                },
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "noise_rng": noise_rng.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "config": cfg.to_dict(),
+            }
+            torch.save(state, tmp / "state.pt")
+            cfg.save(tmp / "config.toml")
+            self._samples(base, unet, trained_tes, tmp / "samples")
+        samples = sorted((target / "samples").glob("*.png")) if (target / "samples").is_dir() else []
+        self._emit(
+            "checkpoint",
+            step=global_step,
+            total_steps=plan.total_steps,
+            message=f"saved {target}",
+            samples=samples,
+            started=started,
+        )
+        old = sorted((self.work_dir / "checkpoints").glob("step-*"))[: -cfg.keep_checkpoints]
+        for folder in old:
+            shutil.rmtree(folder, ignore_errors=True)
+        return target
+
+    def _load_resume_state(self, resume_from) -> dict:
+        folder = find_checkpoint(resume_from)
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"checkpoint {folder} has an unknown state format {state.get('format')!r}")
+        saved = state["config"]
+        changed = [k for k in RESUME_INVARIANTS if saved.get(k) != getattr(self.config, k)]
+        if changed:
+            raise ValueError(f"cannot resume {folder}: these options differ from the checkpoint: {', '.join(changed)}")
+        return state
+
+    def _restore(self, state, unet, trained_tes, optimizer, lr_scheduler, noise_rng):
+        load_lora_state(unet, state["lora"]["unet"])
+        for index, te in enumerate(trained_tes):
+            load_lora_state(te, state["lora"][f"text_encoder_{index}"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        noise_rng.set_state(state["noise_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        return state["global_step"], state["micro_step"], list(state["losses"])
+
+
+def train(config: TrainConfig, **kwargs) -> TrainResult:
+    """Run `config` to completion (keyword arguments go to `Trainer`; `resume_from` to `Trainer.run`)."""
+    resume_from = kwargs.pop("resume_from", None)
+    return Trainer(config, **kwargs).run(resume_from=resume_from)
