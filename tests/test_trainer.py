@@ -1,5 +1,6 @@
 """The DreamBooth-style trainer on a tiny model: learning, resume, prior preservation, checkpoints, bad input."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,82 @@ def test_missing_base_model_is_a_clear_error(tmp_path):
     data = write_style_images(tmp_path / "data", count=2)
     with pytest.raises(ValueError, match="base model not found"):
         train(_config(tmp_path / "no_such_model", data, tmp_path / "o" / "x.safetensors"))
+
+
+def test_latent_and_text_caches_do_not_change_what_is_learned(tiny_model_dir, tmp_path):
+    data = write_style_images(tmp_path / "data", count=4)
+    common = dict(max_train_steps=4, train_text_encoder=False, random_flip=True)
+    cached = train(
+        _config(
+            tiny_model_dir,
+            data,
+            tmp_path / "c" / "x.safetensors",
+            cache_latents=True,
+            cache_text_embeddings=True,
+            **common,
+        )
+    )
+    uncached = train(
+        _config(
+            tiny_model_dir,
+            data,
+            tmp_path / "u" / "x.safetensors",
+            cache_latents=False,
+            cache_text_embeddings=False,
+            **common,
+        )
+    )
+    assert cached.losses == pytest.approx(uncached.losses, rel=1e-5, abs=1e-6)
+
+
+def test_memory_and_schedule_options_train_to_the_planned_step(tiny_model_dir, tmp_path):
+    data = write_style_images(tmp_path / "data", count=4, size=(96, 64))
+    events = []
+    result = train(
+        _config(
+            tiny_model_dir,
+            data,
+            tmp_path / "o" / "x.safetensors",
+            max_train_steps=3,
+            gradient_accumulation_steps=2,
+            batch_size=1,
+            gradient_checkpointing=True,
+            min_snr_gamma=5.0,
+            noise_offset=0.05,
+            lr_scheduler="cosine",
+            lr_warmup_steps=2,
+            resolution=128,
+            bucket_step=32,
+            min_bucket_resolution=64,
+            max_bucket_resolution=256,
+        ),
+        progress=events.append,
+    )
+    assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.plan.batches_per_epoch == 4 and result.plan.steps_per_epoch == 2
+    lrs = [e.lr for e in events if e.phase == "training"]
+    assert lrs[0] < lrs[1], "warmup should raise the learning rate"
+    metadata = read_adapter(result.output).metadata
+    assert json.loads(metadata["ss_bucket_info"]) == {"buckets": {"160x96": 4}}
+
+
+def test_min_snr_weights_follow_the_paper():
+    from training.trainer import min_snr_weights
+
+    alphas = torch.tensor([0.5, 0.9, 0.99])  # SNR 1, 9, 99
+    steps = torch.tensor([0, 1, 2])
+    assert min_snr_weights(alphas, steps, 5.0, v_pred=False).tolist() == pytest.approx([1.0, 5 / 9, 5 / 99], rel=1e-5)
+    assert min_snr_weights(alphas, steps, 5.0, v_pred=True).tolist() == pytest.approx([0.5, 0.5, 5 / 100], rel=1e-5)
+
+
+def test_optional_optimizers_say_how_to_install_them(tiny_model_dir, tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import prodigyopt  # noqa: F401
+
+        pytest.skip("prodigyopt is installed here")
+    except ImportError:
+        pass
+    data = write_style_images(tmp_path / "data", count=2)
+    with pytest.raises(ValueError, match=r"pip install 'lora-style-studio\[prodigy\]'"):
+        train(_config(tiny_model_dir, data, tmp_path / "o" / "x.safetensors", optimizer="prodigy"))

@@ -69,6 +69,7 @@ class TrainConfig:
     enable_bucket: bool = True
     min_bucket_resolution: int = 256
     max_bucket_resolution: int = 1024
+    bucket_step: int = 0  # 0: the model family's default (64 for SD 1.x)
     center_crop: bool = True
     random_flip: bool = False
     repeats: int = 1
@@ -154,6 +155,7 @@ class TrainConfig:
             "max_bucket_resolution",
             f"must be at least resolution ({self.resolution})",
         )
+        need(self.bucket_step >= 0 and self.bucket_step % 8 == 0, "bucket_step", "must be 0 or a multiple of 8")
         need(self.repeats >= 1, "repeats", "must be at least 1")
         need(self.prior_loss_weight >= 0, "prior_loss_weight", "must be zero or positive")
         need(self.num_class_images >= 0, "num_class_images", "must be zero or positive")

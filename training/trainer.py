@@ -250,7 +250,7 @@ class Trainer:
             raise ValueError(f"base model prediction type {prediction_type!r} is not supported for training")
 
         class_paths = self.ensure_class_images(base) if cfg.prior_preservation else []
-        samples, sources = self._build_samples(report, class_paths, family.bucket_step)
+        samples, sources = self._build_samples(report, class_paths, cfg.bucket_step or family.bucket_step)
         num_batches = len(batch_schedule(samples, cfg.batch_size, cfg.seed, 0))
         plan = self.plan(report, num_batches)
         self._emit("planned", total_steps=plan.total_steps, message=plan.describe())
