@@ -245,3 +245,198 @@ def export_adapter(
     if Path(source).resolve() == Path(destination).resolve():
         raise ValueError("export destination is the source file; choose another path")
     return save_adapter(destination, adapter.tensors, metadata, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- import: any LoRA file -> kohya modules
+
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+LYCORIS_MARKERS = ("hada_w1", "hada_w2", "lokr_w1", "lokr_w2", "lokr_t2", "dora_scale", ".diff", ".diff_b")
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: down [r, in, (k, k)], up [out, r, (1, 1)] and alpha; update = (alpha / r) up @ down."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        """The module's rank r."""
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        """alpha / r."""
+        return self.alpha / self.rank
+
+    def delta(self, weight_shape: torch.Size | tuple[int, ...] | None = None) -> torch.Tensor:
+        """The full fp32 weight update (alpha / r) * up @ down, shaped like the module's weight."""
+        update = self.up.float().flatten(1) @ self.down.float().flatten(1) * self.scale
+        if weight_shape is None:
+            weight_shape = (self.up.shape[0], *self.down.shape[1:])
+        return update.reshape(weight_shape)
+
+
+@dataclass
+class ParsedAdapter:
+    """An adapter file turned into data: kohya-named modules, the keys we could not interpret, and its facts."""
+
+    path: Path
+    format: str
+    modules: dict[str, LoraModule]
+    unknown_keys: list[str]
+    metadata: dict[str, str]
+    family: str | None
+    payload_hash: str
+
+    @property
+    def name(self) -> str:
+        """The adapter's name: its file stem."""
+        return self.path.stem
+
+    @property
+    def short_hash(self) -> str:
+        """A1111's LoRA short hash (the first 12 hex of the payload SHA-256, CivitAI AutoV3)."""
+        return self.payload_hash[:12]
+
+    def ranks(self) -> list[int]:
+        """Distinct ranks of the modules, sorted."""
+        return sorted({m.rank for m in self.modules.values()})
+
+    def alphas(self) -> list[float]:
+        """Distinct alphas of the modules, sorted."""
+        return sorted({m.alpha for m in self.modules.values()})
+
+    def counts(self) -> dict[str, int]:
+        """Module counts by component prefix (unet, te, te1, te2)."""
+        out: dict[str, int] = {}
+        for name in self.modules:
+            part = name.split("_")[1] if name.startswith("lora_") else "other"
+            out[part] = out.get(part, 0) + 1
+        return out
+
+
+def _te_kohya(prefix: str, path: str) -> str:
+    if not path.startswith("text_model."):
+        path = "text_model." + path
+    return prefix + path.replace(".", "_")
+
+
+_PEFT_COMPONENTS = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+_OLD_PROCESSOR = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
+
+
+_PEFT_SUFFIXES = (
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"),
+    (".down.weight", "down"),
+    (".up.weight", "up"),
+    (".alpha", "alpha"),
+)
+
+
+def _peft_key_to_kohya(key: str) -> tuple[str, str] | None:
+    """(kohya module name, part) for a diffusers/PEFT style key, or None if it is not one."""
+    match = next(((s, p) for s, p in _PEFT_SUFFIXES if key.endswith(s)), None)
+    if match is None:
+        return None
+    suffix, part = match
+    path = key[: -len(suffix)]
+    component, _, rest = path.partition(".")
+    if component not in _PEFT_COMPONENTS:  # very old diffusers attention-processor files have no prefix
+        component, rest = "unet", path
+    if ".processor." in rest:
+        head, _, proc = rest.partition(".processor.")
+        if proc not in _OLD_PROCESSOR:
+            return None
+        rest = f"{head}.{_OLD_PROCESSOR[proc]}"
+    elif suffix in (".down.weight", ".up.weight"):
+        return None
+    prefix = _PEFT_COMPONENTS[component]
+    name = prefix + rest.replace(".", "_") if component == "unet" else _te_kohya(prefix, rest)
+    return name, part
+
+
+def _family_hint(modules: dict[str, LoraModule]) -> str | None:
+    """sd1 / sd2 / sdxl from prefixes and widths where they are unambiguous; None when unknown (tiny models)."""
+    if any(n.startswith(("lora_te1_", "lora_te2_")) for n in modules):
+        return "sdxl"
+    widths = {m.down.shape[1] for n, m in modules.items() if n.endswith("attn2_to_k")}
+    te_widths = {m.down.shape[1] for n, m in modules.items() if n.startswith("lora_te_") and n.endswith("q_proj")}
+    if 2048 in widths:
+        return "sdxl"
+    if 1024 in widths or 1024 in te_widths:
+        return "sd2"
+    if 768 in widths or 768 in te_widths:
+        return "sd1"
+    return None
+
+
+def parse_adapter(path: str | Path) -> ParsedAdapter:
+    """Read any SD LoRA file (kohya/CivitAI, diffusers/PEFT, old diffusers) into kohya-named modules."""
+    adapter = read_adapter(path)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    unknown: list[str] = []
+    formats = set()
+    for key, tensor in adapter.tensors.items():
+        if any(marker in key for marker in LYCORIS_MARKERS):
+            unknown.append(f"{key} (LyCORIS/DoRA tensors are not supported)")
+            continue
+        if key.startswith(KOHYA_PREFIXES):
+            name, _, rest = key.partition(".")
+            part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(rest)
+            if part is None:
+                unknown.append(key)
+                continue
+            formats.add("kohya")
+        else:
+            mapped = _peft_key_to_kohya(key)
+            if mapped is None:
+                unknown.append(key)
+                continue
+            name, part = mapped
+            formats.add("diffusers")
+        parts.setdefault(name, {})[part] = tensor
+    modules: dict[str, LoraModule] = {}
+    for name, found in parts.items():
+        if "down" not in found or "up" not in found:
+            unknown += [f"{name} ({'down' if 'down' not in found else 'up'} matrix missing)"]
+            continue
+        down, up = found["down"], found["up"]
+        if down.shape[0] != up.shape[1] or not torch.isfinite(down).all() or not torch.isfinite(up).all():
+            unknown.append(f"{name} (inconsistent shapes {tuple(down.shape)} / {tuple(up.shape)} or NaN/Inf values)")
+            continue
+        alpha = float(found["alpha"].item()) if "alpha" in found else float(down.shape[0])
+        modules[name] = LoraModule(down=down, up=up, alpha=alpha)
+    if not modules:
+        example = ", ".join(unknown[:3]) or "no tensors"
+        raise ValueError(f"{Path(path).name} is not a LoRA adapter we can read ({example})")
+    data_hash = _payload_hash(Path(path))
+    fmt = "+".join(sorted(formats))
+    return ParsedAdapter(Path(path), fmt, modules, unknown, adapter.metadata, _family_hint(modules), data_hash)
+
+
+def _payload_hash(path: Path) -> str:
+    with open(path, "rb") as handle:
+        header_len = struct.unpack("<Q", handle.read(8))[0]
+        handle.seek(8 + header_len)
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def modules_to_tensors(modules: Mapping[str, LoraModule]) -> dict[str, torch.Tensor]:
+    """Kohya tensors (down, up, alpha per module) for `modules`, ready for `save_adapter`."""
+    tensors = {}
+    for name, module in modules.items():
+        tensors[f"{name}.lora_down.weight"] = module.down.float().contiguous()
+        tensors[f"{name}.lora_up.weight"] = module.up.float().contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
+    return tensors

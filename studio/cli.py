@@ -1,9 +1,10 @@
-"""`studio train | export | ui`: the command line builds configs and calls the library, nothing more."""
+"""`studio train | export | generate | inspect | merge | ui`: builds configs and calls the library, nothing more."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 TRAIN_FLAGS = {
     # flag dest -> TrainConfig field
@@ -148,6 +149,105 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_weighted(spec: str, default: float = 1.0) -> tuple[str, float, float | None]:
+    """FILE[:W[:UNET_W]] -> (file, weight, unet weight or None); the file part may itself contain ':'."""
+    parts = spec.rsplit(":", 2)
+    numbers: list[float] = []
+    while len(parts) > 1 and len(numbers) < 2:
+        try:
+            numbers.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    name = ":".join(parts)
+    if not name:
+        raise ValueError(f"bad adapter spec {spec!r}: expected FILE[:WEIGHT[:UNET_WEIGHT]]")
+    weight = numbers[0] if numbers else default
+    return name, weight, numbers[1] if len(numbers) > 1 else None
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from studio.generate import GenerationRequest, LoraRequest, generate
+    from studio.library import Workspace
+    from studio.models import load_base
+
+    loras = []
+    for spec in args.lora or []:
+        path, weight, unet_weight = parse_weighted(spec)
+        loras.append(LoraRequest(path, weight, unet_weight))
+    request = GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        seed=args.seed,
+        steps=args.steps,
+        cfg=args.cfg,
+        width=args.width,
+        height=args.height,
+        sampler=args.sampler,
+        batch=args.batch,
+        loras=loras,
+        fuse=args.fuse,
+    )
+    library = Workspace(args.workspace) if args.workspace else None
+    extra = {Path(lora.name).stem: Path(lora.name) for lora in loras}
+
+    def resolve(name: str) -> Path:
+        if name in extra:
+            return extra[name]
+        if library is not None and library.adapter_path(name).is_file():
+            return library.adapter_path(name)
+        raise ValueError(f"unknown adapter {name!r} in the prompt: pass it with --lora or put it in the library")
+
+    base = load_base(args.base)
+    result = generate(base, request, resolver=resolve, out_dir=args.out)
+    for path in result.paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from studio.adapters import file_hashes, parse_adapter
+
+    parsed = parse_adapter(args.file)
+    hashes = file_hashes(args.file)
+    print(f"file:     {parsed.path}")
+    print(f"format:   {parsed.format}")
+    print(f"family:   {parsed.family or 'unknown (decided by the base model)'}")
+    print(f"modules:  {len(parsed.modules)} ({', '.join(f'{k}: {v}' for k, v in sorted(parsed.counts().items()))})")
+    print(f"rank:     {', '.join(map(str, parsed.ranks()))}")
+    print(f"alpha:    {', '.join(f'{a:g}' for a in parsed.alphas())}")
+    print(f"hashes:   AutoV2 {hashes['AutoV2']}  AutoV3 {hashes['AutoV3'][:12]}  SHA256 {hashes['SHA256']}")
+    if parsed.unknown_keys:
+        print(f"not understood: {len(parsed.unknown_keys)}")
+        for key in parsed.unknown_keys:
+            print(f"  {key}")
+    print("metadata:")
+    for key, value in sorted(parsed.metadata.items()):
+        shown = value if len(value) <= 100 else value[:97] + "..."
+        print(f"  {key}: {shown}")
+    if args.base:
+        from studio.compose import match_adapter
+        from studio.models import load_base
+
+        matched = match_adapter(parsed, load_base(args.base))
+        print(f"matched:  {len(matched.patches)} module(s) of {len(parsed.modules)}")
+        print(f"unmatched: {len(matched.unmatched)}")
+        for key in matched.unmatched:
+            print(f"  {key}")
+    return 0
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from studio.merge import merge_adapters
+
+    inputs = [parse_weighted(spec)[:2] for spec in args.adapters]
+    report = merge_adapters(inputs, args.out, rank=args.rank, title=args.title)
+    how = "exact (ranks concatenated)" if args.rank is None else f"SVD to rank {args.rank}"
+    print(f"wrote {report.output}: {report.modules} modules, {how}, max rank {report.max_rank}")
+    print(f"relative error: max {report.relative_error_max:.4f}, mean {report.relative_error_mean:.4f}")
+    return 0
+
+
 def _run_ui(args: argparse.Namespace) -> int:
     from studio.ui.app import launch
 
@@ -181,6 +281,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--dtype", choices=["keep", "fp16", "bf16", "fp32"], default="keep")
     e.add_argument("--title", help="new title stored in the file")
+    g = sub.add_parser("generate", help="generate images, optionally with adapters")
+    g.add_argument("--base", default="demo", help="base model")
+    g.add_argument("--prompt", required=True, help="prompt; may contain <lora:name:w> tags")
+    g.add_argument("--negative", default="", help="negative prompt")
+    g.add_argument("--lora", action="append", help="FILE[:W[:UNET_W]] adapter (repeatable)")
+    g.add_argument("--seed", type=int, default=-1, help="seed (-1: random); image i uses seed + i")
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--cfg", type=float, default=7.0)
+    g.add_argument("--width", type=int, default=0, help="0: the model's native size")
+    g.add_argument("--height", type=int, default=0)
+    g.add_argument(
+        "--sampler", default="Default", help="Default, Euler, Euler a, DPM++ 2M, DPM++ 2M Karras, DDIM, UniPC..."
+    )
+    g.add_argument("--batch", type=int, default=1)
+    g.add_argument(
+        "--fuse",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="merge the adapters into the weights for the run (restored exactly after)",
+    )
+    g.add_argument("--workspace", default=None, help="adapter library for <lora:name> tags (its adapters/ folder)")
+    g.add_argument("--out", required=True, help="folder for the PNGs")
+    i = sub.add_parser("inspect", help="show an adapter file's format, family, ranks, metadata and hashes")
+    i.add_argument("file")
+    i.add_argument("--base", help="also match it against this base model and list unmatched keys")
+    m = sub.add_parser("merge", help="merge adapters at weights into one file")
+    m.add_argument("adapters", nargs="+", help="FILE[:W] (repeat)")
+    m.add_argument("--out", required=True)
+    m.add_argument("--rank", type=int, help="SVD to this rank (default: exact, ranks concatenated)")
+    m.add_argument("--title")
     ui = sub.add_parser("ui", help="start the web UI")
     add_ui_arguments(ui)
     return parser
@@ -189,7 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `studio` console script."""
     args = build_parser().parse_args(argv)
-    handlers = {"train": _run_train, "export": _run_export, "ui": _run_ui}
+    handlers = {
+        "train": _run_train,
+        "export": _run_export,
+        "generate": _run_generate,
+        "inspect": _run_inspect,
+        "merge": _run_merge,
+        "ui": _run_ui,
+    }
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -162,4 +163,14 @@ def load_base(
     name = Path(location).name if kind != "hub" else location
     if spec == "demo":
         name = "demo"
-    return BaseModel(pipeline=pipe, family=family, spec=spec, name=name)
+    extra = {"model_hash": file_sha256(location)[:10]} if kind == "single_file" else {}
+    return BaseModel(pipeline=pipe, family=family, spec=spec, name=name, extra=extra)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a whole file, read in 1 MiB chunks (A1111's checkpoint "Model hash" is its first 10 hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

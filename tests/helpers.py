@@ -38,3 +38,49 @@ def randomize_lora_up(models, seed: int = 0, std: float = 0.3) -> None:
             for name, param in model.named_parameters():
                 if "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def make_adapter(model_dir, path, *, seed=0, rank=4, alpha=2.0, targets="kohya", te_targets="attn", std=0.3):
+    """Write a kohya adapter for the model in `model_dir` with random non-zero up-matrices; return its path."""
+    from studio.adapters import kohya_state_dict, save_adapter, training_metadata
+    from studio.models import load_base
+    from training.lora import LoraSpec, inject_lora
+
+    base = load_base(str(model_dir))
+    torch.manual_seed(seed)
+    inject_lora(
+        base.unet,
+        base.text_encoders,
+        LoraSpec(rank=rank, alpha=alpha, unet_targets=targets, text_encoder_targets=te_targets),
+    )
+    randomize_lora_up([base.unet, *base.text_encoders], seed=seed, std=std)
+    metadata = training_metadata(
+        base.family, rank=rank, alpha=alpha, network_args={}, title=Path(path).stem, trigger_phrase="sks"
+    )
+    save_adapter(path, kohya_state_dict(base.family, base.unet, base.text_encoders), metadata, dtype="fp32")
+    return Path(path)
+
+
+def hand_merge(pipeline, adapters):
+    """Add sum(w * (alpha / r) * up @ down) of kohya files [(path, te_w, unet_w)] into the pipeline's weights."""
+    from safetensors.torch import load_file
+
+    from studio.adapters import kohya_te_name, kohya_unet_name
+    from studio.models import SD1
+
+    with torch.no_grad():
+        for path, te_weight, unet_weight in adapters:
+            tensors = load_file(str(path))
+            for model, name_of, weight in (
+                (pipeline.unet, lambda p: kohya_unet_name(SD1, p), unet_weight),
+                (pipeline.text_encoder, lambda p: kohya_te_name(SD1, 0, p), te_weight),
+            ):
+                for module_path, module in model.named_modules():
+                    name = name_of(module_path)
+                    if f"{name}.lora_down.weight" not in tensors:
+                        continue
+                    down = tensors[f"{name}.lora_down.weight"].float()
+                    up = tensors[f"{name}.lora_up.weight"].float()
+                    alpha = tensors[f"{name}.alpha"].item() if f"{name}.alpha" in tensors else down.shape[0]
+                    delta = weight * (alpha / down.shape[0]) * (up.flatten(1) @ down.flatten(1))
+                    module.weight += delta.reshape(module.weight.shape)
