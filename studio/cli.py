@@ -241,7 +241,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     from studio.merge import merge_adapters
 
     inputs = [parse_weighted(spec)[:2] for spec in args.adapters]
-    report = merge_adapters(inputs, args.out, rank=args.rank, title=args.title)
+    report = merge_adapters(inputs, args.out, rank=args.rank, title=args.title, dtype=args.dtype)
     how = "exact (ranks concatenated)" if args.rank is None else f"SVD to rank {args.rank}"
     print(f"wrote {report.output}: {report.modules} modules, {how}, max rank {report.max_rank}")
     print(f"relative error: max {report.relative_error_max:.4f}, mean {report.relative_error_mean:.4f}")
@@ -311,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True)
     m.add_argument("--rank", type=int, help="SVD to this rank (default: exact, ranks concatenated)")
     m.add_argument("--title")
+    m.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     ui = sub.add_parser("ui", help="start the web UI")
     add_ui_arguments(ui)
     return parser

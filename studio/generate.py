@@ -26,11 +26,14 @@ SAMPLERS: dict[str, tuple[str | None, dict, str | None]] = {
     "Euler a": ("EulerAncestralDiscreteScheduler", {}, None),
     "DPM++ 2M": ("DPMSolverMultistepScheduler", {}, None),
     "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "Karras"),
-    "DPM++ SDE Karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}, "Karras"),
+    "DPM++ 2M SDE Karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+        "Karras",
+    ),
     "DDIM": ("DDIMScheduler", {}, None),
     "UniPC": ("UniPCMultistepScheduler", {}, None),
-    "PNDM": ("PNDMScheduler", {}, None),
-    "LMS": ("LMSDiscreteScheduler", {}, None),
+    "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}, None),
     "Heun": ("HeunDiscreteScheduler", {}, None),
 }
 
@@ -80,8 +83,8 @@ class GenerationRequest:
             raise ValueError(f"cfg must be a number from 1 to 30, got {self.cfg!r}")
         for name in ("width", "height"):
             value = getattr(self, name)
-            if not isinstance(value, int) or (value != 0 and (value < 64 or value > 2048 or value % 8)):
-                raise ValueError(f"{name} must be 0 (model default) or a multiple of 8 from 64 to 2048, got {value!r}")
+            if not isinstance(value, int) or (value != 0 and (value < 16 or value > 2048 or value % 8)):
+                raise ValueError(f"{name} must be 0 (model default) or a multiple of 8 from 16 to 2048, got {value!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
         if not isinstance(self.batch, int) or not 1 <= self.batch <= 16:
