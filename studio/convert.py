@@ -47,6 +47,12 @@ _BLOCK = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsa
 _MID = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)")
 
 
+def _block_parts(match: re.Match) -> tuple[str, int, str, int, str]:
+    """(side, block index, kind, layer index, rest) of a `_BLOCK` match."""
+    side, block, kind, layer, rest = match.groups()
+    return side, int(block), kind, int(layer), rest
+
+
 def _rename_head(rest: str, table: Mapping[str, str]) -> str:
     """Rename the leading module path of `rest` ("norm1.weight", "to_out.0.bias") through `table`."""
     for old, new in table.items():
@@ -96,13 +102,7 @@ class _UnetLayout:
         match = _BLOCK.fullmatch(key)
         if not match:
             return None
-        side, block, kind, layer, rest = (
-            match.group(1),
-            int(match.group(2)),
-            match.group(3),
-            int(match.group(4)),
-            match.group(5),
-        )
+        side, block, kind, layer, rest = _block_parts(match)
         if side == "down_blocks":
             if kind == "downsamplers":
                 if not rest.startswith("conv."):
@@ -140,13 +140,7 @@ def _vae_ldm_key(key: str, num_up_blocks: int) -> str | None:
     match = _BLOCK.fullmatch(key)
     if not match:
         return None
-    side, block, kind, layer, rest = (
-        match.group(1),
-        int(match.group(2)),
-        match.group(3),
-        int(match.group(4)),
-        match.group(5),
-    )
+    side, block, kind, layer, rest = _block_parts(match)
     if part == "encoder" and side == "down_blocks":
         level = f"down.{block}"
     elif part == "decoder" and side == "up_blocks":

@@ -61,13 +61,28 @@ def make_adapter(model_dir, path, *, seed=0, rank=4, alpha=2.0, targets="kohya",
     return Path(path)
 
 
-def hand_merge(pipeline, adapters):
-    """Add sum(w * (alpha / r) * up @ down) of kohya files [(path, te_w, unet_w)] into the pipeline's weights."""
+def render(pipeline, seed=0):
+    """A 3-step 32x32 image of a fixed prompt as a numpy array (tiny-model speed)."""
+    return pipeline(
+        "sks, a red circle",
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    ).images
+
+
+def hand_merge(pipeline, adapters) -> int:
+    """Add sum(w * (alpha / r) * up @ down) of kohya files [(path, te_w, unet_w)] into the pipeline's weights.
+
+    Returns how many modules were merged."""
     from safetensors.torch import load_file
 
     from studio.adapters import kohya_te_name, kohya_unet_name
     from studio.models import SD1
 
+    merged = 0
     with torch.no_grad():
         for path, te_weight, unet_weight in adapters:
             tensors = load_file(str(path))
@@ -84,3 +99,5 @@ def hand_merge(pipeline, adapters):
                     alpha = tensors[f"{name}.alpha"].item() if f"{name}.alpha" in tensors else down.shape[0]
                     delta = weight * (alpha / down.shape[0]) * (up.flatten(1) @ down.flatten(1))
                     module.weight += delta.reshape(module.weight.shape)
+                    merged += 1
+    return merged

@@ -9,17 +9,7 @@ from studio.adapters import parse_adapter
 from studio.compose import AdapterStack, load_adapter
 from studio.models import load_base
 from tests.helpers import hand_merge, make_adapter
-
-
-def run(pipeline, seed=0):
-    return pipeline(
-        "sks, a red circle",
-        num_inference_steps=3,
-        height=32,
-        width=32,
-        output_type="np",
-        generator=torch.Generator().manual_seed(seed),
-    ).images
+from tests.helpers import render as run
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,13 @@ from safetensors import safe_open
 from studio.adapters import (
     export_adapter,
     kohya_state_dict,
-    kohya_te_name,
-    kohya_unet_name,
     read_adapter,
     save_adapter,
     training_metadata,
 )
 from studio.models import SD1, load_base
 from studio.tiny import load_sd15_config
-from tests.helpers import randomize_lora_up
+from tests.helpers import hand_merge, randomize_lora_up, render
 from training.lora import LoraSpec, inject_lora
 
 
@@ -154,39 +152,6 @@ def test_pickle_adapters_are_refused_without_loading(tmp_path):
         read_adapter(broken)
 
 
-def _hand_merge(pipeline, adapter, multiplier=1.0):
-    """W <- W + m * (alpha / r) * up @ down for every module in the file; return how many were merged."""
-    merged = 0
-    components = [
-        (pipeline.unet, lambda p: kohya_unet_name(SD1, p)),
-        (pipeline.text_encoder, lambda p: kohya_te_name(SD1, 0, p)),
-    ]
-    with torch.no_grad():
-        for model, name_of in components:
-            for path, module in model.named_modules():
-                name = name_of(path)
-                if f"{name}.lora_down.weight" not in adapter.tensors:
-                    continue
-                down = adapter.tensors[f"{name}.lora_down.weight"].float()
-                up = adapter.tensors[f"{name}.lora_up.weight"].float()
-                alpha = adapter.tensors[f"{name}.alpha"].item()
-                delta = multiplier * (alpha / down.shape[0]) * (up.flatten(1) @ down.flatten(1))
-                module.weight += delta.reshape(module.weight.shape)
-                merged += 1
-    return merged
-
-
-def generate(pipeline, seed=0):
-    return pipeline(
-        "sks, a red circle",
-        num_inference_steps=3,
-        height=32,
-        width=32,
-        output_type="np",
-        generator=torch.Generator().manual_seed(seed),
-    ).images
-
-
 def assert_loads_in_diffusers_like_a_hand_merge(model_dir, path):
     """diffusers' own loader adapts every module in the file, and its output equals our hand merge."""
     adapter = read_adapter(path)
@@ -199,9 +164,9 @@ def assert_loads_in_diffusers_like_a_hand_merge(model_dir, path):
     )
     assert loaded == len(adapter.module_names), "diffusers left some modules of the file unmatched"
     merged = load_base(str(model_dir)).pipeline
-    assert _hand_merge(merged, adapter) == len(adapter.module_names)
-    plain = generate(load_base(str(model_dir)).pipeline)
-    ours, theirs = generate(merged), generate(fresh)
+    assert hand_merge(merged, [(path, 1.0, 1.0)]) == len(adapter.module_names)
+    plain = render(load_base(str(model_dir)).pipeline)
+    ours, theirs = render(merged), render(fresh)
     assert abs(ours - theirs).max() < 1e-4
     assert abs(ours - plain).max() > 1e-2, "the adapter should change the image"
 

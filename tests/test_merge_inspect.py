@@ -11,7 +11,7 @@ from studio.compose import AdapterStack, load_adapter
 from studio.merge import merge_adapters
 from studio.models import load_base
 from tests.helpers import hand_merge, make_adapter
-from tests.test_adapters_in_use import run
+from tests.helpers import render as run
 
 
 @pytest.fixture(scope="module")
