@@ -65,7 +65,7 @@ class TrainConfig:
     noise_offset: float = 0.0
     seed: int = 0
     # data
-    resolution: int = 512
+    resolution: int = 0  # 0: the base model's native size (512 for SD 1.x)
     enable_bucket: bool = True
     min_bucket_resolution: int = 256
     max_bucket_resolution: int = 1024
@@ -148,10 +148,14 @@ class TrainConfig:
         need(self.min_snr_gamma >= 0, "min_snr_gamma", "must be zero (off) or positive")
         need(0 <= self.noise_offset < 1, "noise_offset", "must be in [0, 1)")
         need(self.seed >= 0, "seed", "must be zero or positive")
-        need(self.resolution >= 64 and self.resolution % 8 == 0, "resolution", "must be a multiple of 8, at least 64")
+        need(
+            self.resolution == 0 or (self.resolution >= 32 and self.resolution % 8 == 0),
+            "resolution",
+            "must be 0 (the model's native size) or a multiple of 8, at least 32",
+        )
         need(self.min_bucket_resolution >= 64, "min_bucket_resolution", "must be at least 64")
         need(
-            self.max_bucket_resolution >= self.resolution,
+            self.max_bucket_resolution >= max(self.resolution, 64),
             "max_bucket_resolution",
             f"must be at least resolution ({self.resolution})",
         )

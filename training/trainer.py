@@ -129,6 +129,11 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
     return clipped / (snr + 1.0) if v_pred else clipped / snr
 
 
+def native_resolution(base: BaseModel) -> int:
+    """The image size the base model was trained at (UNet sample size times the VAE's downscale factor)."""
+    return base.unet.config.sample_size * base.pipeline.vae_scale_factor
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder: `path` itself, or the newest one under `path`/checkpoints."""
     path = Path(path)
@@ -195,12 +200,12 @@ class Trainer:
     def ensure_class_images(self, base: BaseModel) -> list[Path]:
         """Generate (once) and return the prior-preservation class images, cached on disk by prompt and model."""
         cfg = self.config
-        key = hashlib.sha256(f"{base.name}|{cfg.class_prompt}|{cfg.resolution}".encode()).hexdigest()[:12]
+        key = hashlib.sha256(f"{base.name}|{cfg.class_prompt}|{self.resolution}".encode()).hexdigest()[:12]
         folder = Path(cfg.class_dir) if cfg.class_dir else self.work_dir / "class_images" / key
         folder.mkdir(parents=True, exist_ok=True)
         manifest = folder / "class_images.json"
         if not manifest.exists():
-            info = {"prompt": cfg.class_prompt, "base": base.name, "resolution": cfg.resolution}
+            info = {"prompt": cfg.class_prompt, "base": base.name, "resolution": self.resolution}
             atomic.write_text(manifest, json.dumps(info, indent=1))
         paths = [folder / f"class_{i:05d}.png" for i in range(cfg.num_class_images)]
         missing = [p for p in paths if not p.is_file()]
@@ -212,8 +217,8 @@ class Trainer:
                 cfg.class_prompt,
                 num_inference_steps=cfg.sample_steps,
                 guidance_scale=cfg.sample_cfg,
-                height=cfg.resolution,
-                width=cfg.resolution,
+                height=self.resolution,
+                width=self.resolution,
                 generator=torch.Generator("cpu").manual_seed(seed),
             ).images[0]
             with atomic.atomic_path(path) as tmp:
@@ -249,6 +254,7 @@ class Trainer:
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"base model prediction type {prediction_type!r} is not supported for training")
 
+        self.resolution = native_resolution(base) if cfg.resolution == 0 else cfg.resolution
         class_paths = self.ensure_class_images(base) if cfg.prior_preservation else []
         samples, sources = self._build_samples(report, class_paths, cfg.bucket_step or family.bucket_step)
         num_batches = len(batch_schedule(samples, cfg.batch_size, cfg.seed, 0))
@@ -469,10 +475,10 @@ class Trainer:
         cfg = self.config
         if cfg.enable_bucket:
             buckets = make_buckets(
-                cfg.resolution, bucket_step, min(cfg.min_bucket_resolution, cfg.resolution), cfg.max_bucket_resolution
+                self.resolution, bucket_step, min(cfg.min_bucket_resolution, self.resolution), cfg.max_bucket_resolution
             )
         else:
-            buckets = [(cfg.resolution, cfg.resolution)]
+            buckets = [(self.resolution, self.resolution)]
         samples: list[Sample] = []
         source_of: list[int] = []
         for _ in range(cfg.repeats):
@@ -487,7 +493,7 @@ class Trainer:
                     Sample(
                         class_paths[index],
                         cfg.class_prompt,
-                        (cfg.resolution, cfg.resolution),
+                        (self.resolution, self.resolution),
                         weight=cfg.prior_loss_weight,
                         is_class=True,
                     )
@@ -611,7 +617,7 @@ class Trainer:
             network_args=network_args,
             title=title,
             prediction_type=prediction_type,
-            resolution=cfg.resolution,
+            resolution=self.resolution,
             trigger_phrase=cfg.trigger,
             training=training,
             dataset=dataset,
@@ -632,8 +638,8 @@ class Trainer:
                     prompt,
                     num_inference_steps=cfg.sample_steps,
                     guidance_scale=cfg.sample_cfg,
-                    height=cfg.resolution,
-                    width=cfg.resolution,
+                    height=self.resolution,
+                    width=self.resolution,
                     generator=torch.Generator("cpu").manual_seed(cfg.sample_seed + index),
                 ).images[0]
                 path = folder / f"sample_{index:02d}.png"
