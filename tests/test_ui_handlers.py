@@ -1,60 +1,392 @@
-"""The UI's handlers (what the Train and Export tabs call), driven without a browser."""
+"""The UI's handlers driven without a browser: every tab's happy path and the errors a user can cause."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import zipfile
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from studio.adapters import read_adapter
-from studio.jobs import JobRunner
-from studio.library import Workspace, safe_name
-from studio.ui import export_tab, train_tab
-from studio.ui.app import build_app, describe_base, parse_auth
-from tests.helpers import write_style_images
+from studio.jobs import JobRunner, TrainingJob
+from studio.library import Workspace, safe_name, sanitize_filename
+from studio.ui import compare_tab, dataset_tab, generate_tab, library_tab, train_tab
+from studio.ui.app import build_app, describe_base, load_model, parse_auth
+from studio.ui.common import ModelCache
+from tests.helpers import make_adapter, write_style_images
 
 
-def _values(base, data, name="inky", steps=3, rank=4):
-    return [str(base), str(data), name, "sks", "quick", steps, rank, 64, False]
+def _png_bytes(color=(200, 30, 30), size=(64, 64)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-def test_check_data_lists_kept_and_skipped_files(tmp_path):
-    data = write_style_images(tmp_path / "data", count=2)
-    (data / "oops.jpg").write_bytes(b"")
-    report = train_tab.check_data(str(data), "sks")
-    assert "2 image(s) kept, 1 skipped" in report and "oops.jpg" in report
-    assert "Error" in train_tab.check_data(str(tmp_path / "missing"), "sks")
-    assert "Enter the folder" in train_tab.check_data("", "sks")
+def _train_args(dataset="inky", name="inky", **overrides):
+    values = train_tab.default_values(dataset=dataset, name=name, preset="quick")
+    values.update(steps=3, rank=4, alpha=4, resolution=64, batch_size=1, checkpoint_every=2)
+    values.update(sample_prompts="sks style, a circle")
+    values.update(overrides)
+    return train_tab.as_args(values)
 
 
-def test_train_in_background_then_export_privately(tiny_model_dir, tmp_path):
+def _gen_args(prompt="sks style, a circle", stack=(), **overrides):
+    settings = dict(
+        prompt=prompt,
+        negative="",
+        seed_mode="fixed",
+        seed=1,
+        steps=2,
+        cfg=7.0,
+        width=0,
+        height=0,
+        sampler="Default",
+        batch=1,
+    )
+    settings.update(overrides)
+    rows = []
+    for index in range(generate_tab.SLOTS):
+        if index < len(stack):
+            name, weight = stack[index]
+            rows += [name, weight, True, False, 1.0, 1.0]
+        else:
+            rows += [None, 1.0, True, False, 1.0, 1.0]
+    return [settings[k] for k in generate_tab.SETTINGS] + rows
+
+
+@pytest.fixture(scope="module")
+def studio(tiny_model_dir, tmp_path_factory):
+    """A workspace with a dataset 'inky' and an adapter 'inky' trained through the Train tab's handlers."""
+    root = tmp_path_factory.mktemp("studio")
+    workspace = Workspace(root / "ws")
+    images = write_style_images(root / "images", count=4)
+    report, _ = dataset_tab.upload(workspace, "inky", sorted(images.iterdir()), "")
+    assert "8 file(s) added" in report  # 4 images + 4 captions
+    assert "Saved trigger word `inkstyle`" in dataset_tab.save_settings(workspace, "inky", "inkstyle", "style")
+    runner = JobRunner(workspace)
+    models = ModelCache()
+    message = train_tab.start(runner, workspace, str(tiny_model_dir), *_train_args())
+    assert "Training **inky**" in message
+    assert runner.get("inky").join(timeout=300)
+    return workspace, runner, models, str(tiny_model_dir)
+
+
+# ---------------------------------------------------------------------------------------------------- dataset tab
+
+
+def test_upload_needs_images_and_a_valid_zip(tmp_path):
     workspace = Workspace(tmp_path / "ws")
-    runner = JobRunner()
-    data = write_style_images(tmp_path / "data", count=4)
-    message = train_tab.start(runner, workspace, *_values(tiny_model_dir, data))
-    assert "Started training" in message
-    assert "already running" in train_tab.start(runner, workspace, *_values(tiny_model_dir, data, name="other"))
-    runner.current.join(timeout=300)
-    text, losses, _samples = train_tab.status(runner.current)
-    assert "done" in text and "step 3/3 (100%)" in text
+    status, _ = dataset_tab.upload(workspace, "set", [], "")
+    assert status.startswith("**Error:** no images given")
+    bad = tmp_path / "broken.zip"
+    bad.write_bytes(b"this is not a zip")
+    status, _ = dataset_tab.upload(workspace, "set", [str(bad)], "")
+    assert "broken.zip is not a valid zip file" in status
+    status, _ = dataset_tab.upload(workspace, "../up", [str(bad)], "")
+    assert "not allowed" in status
+    status, _ = dataset_tab.upload(workspace, "set", [], str(tmp_path / "nowhere"))
+    assert "folder not found" in status
+
+
+def test_zip_entries_never_escape_the_dataset_folder(tmp_path):
+    workspace = Workspace(tmp_path / "ws")
+    archive = tmp_path / "upload.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("good/one.png", _png_bytes())
+        zf.writestr("good/one.txt", "a red square")
+        zf.writestr("../escape.png", _png_bytes((1, 2, 3)))
+        zf.writestr("/abs/evil.png", _png_bytes((4, 5, 6)))
+        link = zipfile.ZipInfo("link.png")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, "/etc/passwd")
+        zf.writestr("notes.pdf", b"%PDF")
+        zf.writestr("copy.png", _png_bytes())  # same bytes as one.png
+    status, _ = dataset_tab.upload(workspace, "zipped", [str(archive)], "")
+    folder = workspace.dataset_dir("zipped")
+    assert sorted(p.name for p in folder.iterdir()) == ["one.png", "one.txt"]
+    assert not (tmp_path / "escape.png").exists() and not (workspace.datasets_dir / "escape.png").exists()
+    assert "path leaves the folder" in status and "absolute path" in status and "symbolic link" in status
+    assert "not an image (.pdf)" in status and "duplicate of one.png" in status
+
+
+def test_uploaded_names_are_sanitised():
+    assert sanitize_filename("../../etc/pass wd.PNG") == "pass_wd.png"
+    assert sanitize_filename("C:\\Users\\me\\cat photo.jpg") == "cat_photo.jpg"
+    assert sanitize_filename("...") == "file"
+
+
+def test_open_dataset_reports_kept_and_skipped_with_crops_and_stats(tmp_path):
+    workspace = Workspace(tmp_path / "ws")
+    images = write_style_images(tmp_path / "images", count=3, size=(96, 64))
+    (images / "tiny.png").write_bytes(_png_bytes(size=(20, 20)))
+    (images / "broken.png").write_bytes(b"not a png at all")
+    dataset_tab.upload(workspace, "mixed", [], str(images))
+    rows, thumbs, trigger, noun, captions, stats, status = dataset_tab.open_dataset(workspace, "mixed", 64)
+    by_file = {r[0]: r for r in rows}
+    assert by_file["img_00.png"][1] == "kept" and "96x64 -> bucket 64x64" in by_file["img_00.png"][2]
+    assert by_file["tiny.png"][1] == "skipped" and "too small" in by_file["tiny.png"][2]
+    assert by_file["broken.png"][1] == "skipped"
+    assert len(thumbs) == 3 and Image.open(thumbs[0][0]).size == (64, 64) and "cropped to 64x64" in thumbs[0][1]
+    assert "3 image(s) kept, 2 file(s) skipped" in stats and "top tags" in stats
+    assert ["img_00.png", "a red circle on a white background"] in captions
+    assert (
+        dataset_tab.open_dataset(workspace, "ghost", 64)[-1] == "**Error:** no dataset named 'ghost' in the workspace"
+    )
+    assert "resolution must be a whole number" in dataset_tab.open_dataset(workspace, "mixed", "big")[-1]
+
+
+def test_captions_and_trigger_are_saved_beside_the_images(tmp_path):
+    workspace = Workspace(tmp_path / "ws")
+    images = write_style_images(tmp_path / "images", count=2, captions=False)
+    dataset_tab.upload(workspace, "caps", [], str(images))
+    status = dataset_tab.save_captions(workspace, "caps", [["img_00.png", "inky, a  circle"], ["img_01.png", ""]])
+    assert "Saved 2 caption(s)" in status
+    folder = workspace.dataset_dir("caps")
+    assert (folder / "img_00.txt").read_text() == "inky, a circle\n" and not (folder / "img_01.txt").exists()
+    assert "not an image of dataset" in dataset_tab.save_captions(workspace, "caps", [["../x.png", "hi"]])
+    assert "trigger word must be one word" in dataset_tab.save_settings(workspace, "caps", "two words", "style")
+    dataset_tab.save_settings(workspace, "caps", "inky", "drawing")
+    assert Workspace(tmp_path / "ws").dataset_settings("caps") == {"trigger": "inky", "class_noun": "drawing"}
+
+
+# ---------------------------------------------------------------------------------------------------- train tab
+
+
+def test_train_settings_are_validated(tmp_path, tiny_model_dir):
+    workspace = Workspace(tmp_path / "ws")
+    runner = JobRunner(workspace)
+    base = str(tiny_model_dir)
+    assert "no images: choose a dataset" in train_tab.start(runner, workspace, base, *_train_args(dataset=""))
+    workspace.dataset_dir("empty").mkdir()
+    assert "dataset 'empty' is empty" in train_tab.start(runner, workspace, base, *_train_args(dataset="empty"))
+    write_style_images(workspace.dataset_dir("ok"), count=2)
+    for overrides, expected in [
+        ({"rank": 0}, "rank must be at least 1"),
+        ({"steps": 2.5}, "steps must be a whole number"),
+        ({"steps": "many"}, "steps must be a whole number, got 'many'"),
+        ({"unet_lr": None}, "UNet learning rate must be a number"),
+        ({"batch_size": -1}, "batch size must be at least 1"),
+        ({"name": "../escape"}, "not allowed"),
+        ({"prior": True, "class_prompt": ""}, "class_prompt is required with prior preservation"),
+    ]:
+        message = train_tab.start(runner, workspace, base, *_train_args(dataset="ok", **overrides))
+        assert message.startswith("**Error:**") and expected in message, (overrides, message)
+    assert runner.list_jobs() == []
+
+
+def test_plan_counts_exactly_what_training_trains(tmp_path, tiny_model_dir):
+    from studio.models import load_base
+    from training.lora import count_parameters, inject_lora
+
+    workspace = Workspace(tmp_path / "ws")
+    write_style_images(workspace.dataset_dir("ok"), count=6)
+    models = ModelCache()
+    args = _train_args(dataset="ok", steps=0, epochs=2, batch_size=2, train_te=True, rank=4)
+    text = train_tab.plan(models, workspace, str(tiny_model_dir), *args)
+    config = train_tab.build_config(workspace, str(tiny_model_dir), *args)
+    base = load_base(str(tiny_model_dir))
+    inject_lora(base.unet, base.text_encoders, config.lora_spec)
+    trainable, _ = count_parameters([base.unet, *base.text_encoders])
+    assert "**6 total steps** over **2 epoch(s)**; 12 images seen" in text
+    assert f"trainable parameters: **{trainable:,}**" in text
+    assert "estimated time" in text and "estimated peak memory" in text and "rough estimates" in text
+    assert "Plan unavailable:" in train_tab.plan(models, workspace, str(tiny_model_dir), *_train_args(dataset=""))
+
+
+def test_training_runs_in_the_background_and_survives_a_restart(studio):
+    workspace, runner, _, base = studio
+    job = runner.get("inky")
+    assert job.status == "done", job.error
+    html, losses, samples, table = train_tab.job_view(runner, None)
+    assert "step 3/3 (100%)" in html and "Saved adapter" in html
     assert list(losses["step"]) == [1, 2, 3]
+    assert any("step-000002" in s for s in samples) and any("final" in s for s in samples)
+    assert table[0][:2] == ["inky", "done"]
     assert workspace.list_adapters() == ["inky"]
-    assert "already exists" in train_tab.start(runner, workspace, *_values(tiny_model_dir, data))
+    assert "already exists" in train_tab.start(runner, workspace, base, *_train_args())
+    record = json.loads((workspace.run_dir("inky") / "job.json").read_text())
+    assert record["status"] == "done" and len(record["losses"]) == 3 and Path(record["config_path"]).is_file()
+    again = JobRunner(workspace)  # a server restart
+    assert again.get("inky").status == "done" and again.get("inky").losses == job.losses
 
-    path, summary = export_tab.export(workspace, "inky", include_dataset_metadata=False)
-    assert path.endswith("inky_private.safetensors") and "AutoV2" in summary
-    assert "ss_tag_frequency" not in read_adapter(path).metadata
-    assert export_tab.export(workspace, "ghost", True) == (None, "**Error:** no adapter named 'ghost' in the workspace")
 
-
-def test_bad_values_and_missing_base_are_reported_not_raised(tmp_path):
+def test_an_interrupted_job_is_shown_and_resumes(tmp_path, tiny_model_dir):
     workspace = Workspace(tmp_path / "ws")
-    runner = JobRunner()
-    data = write_style_images(tmp_path / "data", count=2)
-    assert "rank must be at least 1" in train_tab.start(runner, workspace, *_values("demo", data, rank=0))
-    assert "steps must be a whole number" in train_tab.start(runner, workspace, *_values("demo", data, steps=2.5))
-    assert "not allowed" in train_tab.start(runner, workspace, *_values("demo", data, name="../escape"))
-    train_tab.start(runner, workspace, *_values(tmp_path / "nowhere", data))
-    runner.current.join(timeout=60)
-    text, _, _ = train_tab.status(runner.current)
-    assert "failed" in text and "base model not found" in text
-    assert "not found" in describe_base(str(tmp_path / "nowhere"))
+    write_style_images(workspace.dataset_dir("ok"), count=2)
+    config = train_tab.build_config(workspace, str(tiny_model_dir), *_train_args(dataset="ok", name="later", steps=2))
+    job = TrainingJob(name="later", config=config, run_dir=workspace.run_dir("later"), status="running", step=1)
+    job.save()  # as if the server died mid-run
+    runner = JobRunner(workspace)
+    assert runner.get("later").status == "interrupted"
+    assert "press Resume" in train_tab.job_view(runner, None)[0]
+    assert "only interrupted" in train_tab.resume(runner, "nothing") or "no training job" in train_tab.resume(
+        runner, "nothing"
+    )
+    assert "Resuming **later**" in train_tab.resume(runner, None)
+    assert runner.get("later").join(timeout=300)
+    assert runner.get("later").status == "done" and workspace.list_adapters() == ["later"]
+    assert "no queued or running" in train_tab.cancel(runner, None)
+
+
+def test_a_second_start_queues_and_a_queued_job_can_be_cancelled(tmp_path, tiny_model_dir):
+    import threading
+
+    gate = threading.Event()
+
+    class SlowTrainer:
+        def __init__(self, config, progress, should_stop):
+            self.config = config
+
+        def run(self, resume_from=None):
+            gate.wait(30)
+            raise ValueError("stopped by the test")
+
+    workspace = Workspace(tmp_path / "ws")
+    write_style_images(workspace.dataset_dir("ok"), count=2)
+    runner = JobRunner(workspace, trainer_factory=SlowTrainer)
+    base = str(tiny_model_dir)
+    assert "starting" in train_tab.start(runner, workspace, base, *_train_args(dataset="ok", name="first"))
+    assert "queued (position" in train_tab.start(runner, workspace, base, *_train_args(dataset="ok", name="second"))
+    assert "already queued" in train_tab.start(runner, workspace, base, *_train_args(dataset="ok", name="second"))
+    assert "Cancelling **second**" in train_tab.cancel(runner, "second")
+    assert runner.get("second").status == "cancelled"
+    gate.set()
+    assert runner.get("first").join(timeout=30)
+    assert runner.get("first").status == "failed" and "stopped by the test" in runner.get("first").error
+
+
+# ---------------------------------------------------------------------------------------------------- generate tab
+
+
+def test_generate_with_a_stack_weight_and_a_prompt_tag(studio):
+    workspace, _, models, base = studio
+    items, paths, info, status = generate_tab.run(models, workspace, base, *_gen_args(stack=[("inky", 0.8)]))
+    assert status.startswith("Saved 1 image(s)") and Path(paths[0]).is_file() and items[0][1] == "seed 1"
+    assert "<lora:inky:0.8>" in info and "Lora hashes" in info and "Seed: 1" in info
+    _, paths2, info2, _ = generate_tab.run(
+        models, workspace, base, *_gen_args(prompt="sks style, a circle <lora:inky:0.8>")
+    )
+    assert "<lora:inky:0.8>" in info2 and "<lora:" not in info2.split("\n")[0].replace("<lora:inky:0.8>", "")
+    assert Image.open(paths2[0]).tobytes() == Image.open(paths[0]).tobytes()  # same seed, same adapter weight
+    assert "Set as" not in generate_tab.set_preview(workspace, "inky", paths[0], paths)
+    assert workspace.preview_path("inky").read_bytes() == Path(paths[0]).read_bytes()
+
+
+def test_generate_reports_bad_input(studio):
+    workspace, _, models, base = studio
+    cases = [
+        (_gen_args(stack=[("ghost", 1.0)]), "no adapter named 'ghost'"),
+        (_gen_args(prompt="a cat <lora:phantom:1>"), "no adapter named 'phantom'"),
+        (_gen_args(prompt="   "), "prompt is empty"),
+        (_gen_args(steps=0), "steps must be at least 1"),
+        (_gen_args(cfg="strong"), "CFG scale must be a number"),
+        (_gen_args(width=33), "width must be 0 (model default) or a multiple of 8"),
+        (_gen_args(seed=-5), "seed must be at least 0"),
+        (_gen_args(stack=[("inky", 1.0), ("inky", 0.5)]), "in the stack twice"),
+    ]
+    for args, expected in cases:
+        status = generate_tab.run(models, workspace, base, *args)[-1]
+        assert status.startswith("**Error:**") and expected in status, (expected, status)
+    assert "generate an image first" in generate_tab.set_preview(workspace, "inky", "", [])
+    assert "Error" in load_model(models, "no/such/dir.safetensors") or "Error" in load_model(models, "")
+
+
+# ---------------------------------------------------------------------------------------------------- compare tab
+
+
+def test_compare_grid_over_weights_checkpoints_and_seeds(studio):
+    workspace, _, models, base = studio
+    labels = compare_tab.checkpoint_choices(workspace, "inky")
+    assert labels == ["step-000002", "final"]
+    path, status = compare_tab.make_grid(
+        models, workspace, base, "inky", labels, "0, 0.8", "1 2", "sks style", "", 2, 7, "Default"
+    )
+    assert status.startswith("Saved a 4 x 2 grid"), status
+    grid = Image.open(path)
+    cell = compare_tab.MIN_CELL
+    assert grid.size == (compare_tab.LABEL_WIDTH + 2 * cell, compare_tab.LABEL_HEIGHT + 4 * cell)
+
+
+def test_compare_reports_bad_input(studio):
+    workspace, _, models, base = studio
+    args = ["sks", "", 2, 7, "Default"]
+    assert "no adapter named 'ghost'" in compare_tab.make_grid(models, workspace, base, "ghost", [], "1", "1", *args)[1]
+    assert "weights must be a number" in compare_tab.make_grid(models, workspace, base, "inky", [], "a", "1", *args)[1]
+    assert "seeds: give at least one" in compare_tab.make_grid(models, workspace, base, "inky", [], "1", "", *args)[1]
+    too_many = compare_tab.make_grid(
+        models, workspace, base, "inky", [], "0 .1 .2 .3 .4 .5 .6 .7 .8", "1 2 3 4 5 6 7 8", *args
+    )
+    assert "the limit is 64" in too_many[1]
+    missing = compare_tab.make_grid(models, workspace, base, "inky", ["step-999"], "1", "1", *args)[1]
+    assert "has no checkpoint 'step-999'" in missing
+
+
+# ---------------------------------------------------------------------------------------------------- library tab
+
+
+def test_library_cards_export_merge_rename_delete(studio, tmp_path):
+    workspace, _, _, base = studio
+    rows = library_tab.cards_table(workspace)
+    inky = next(r for r in rows if r[0] == "inky")
+    assert inky[1] == "inkstyle" and inky[3] == "4" and inky[5] == "3" and inky[6] == "4" and len(inky[8]) == 12
+    _, text = library_tab.details(workspace, "inky")
+    assert "AutoV2" in text and "SHA256" in text and "<lora:inky:0.8>" in text
+
+    path, summary = library_tab.export(workspace, "inky", False)
+    exported = read_adapter(path)
+    assert "ss_tag_frequency" not in exported.metadata and "left out" in summary
+    assert exported.metadata["modelspec.trigger_phrase"] == "inkstyle"
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in exported.tensors)
+    full, _ = library_tab.export(workspace, "inky", True)
+    assert "ss_tag_frequency" in read_adapter(full).metadata
+    assert library_tab.export(workspace, "ghost", True)[1] == "**Error:** no adapter named 'ghost' in the library"
+
+    make_adapter(base, tmp_path / "dots.safetensors", seed=1, rank=2)
+    workspace_dots = workspace.adapters_dir / "dots.safetensors"
+    workspace_dots.write_bytes((tmp_path / "dots.safetensors").read_bytes())
+    assert "Merged into **blend**" in library_tab.merge(workspace, "inky:0.7, dots:0.5", "blend", 0)
+    assert "at least two adapters" in library_tab.merge(workspace, "inky", "solo", 0)
+    assert "weight of dots must be a number" in library_tab.merge(workspace, "inky:1, dots:x", "bad", 0)
+    assert "rank must be at least 0" in library_tab.merge(workspace, "inky:1, dots:1", "bad", -1)
+    assert "Renamed **blend** to **mix**" in library_tab.rename(workspace, "blend", "mix")
+    assert read_adapter(workspace.adapter_path("mix")).metadata["modelspec.title"] == "mix"
+    assert "already exists" in library_tab.rename(workspace, "mix", "inky")
+    assert "tick 'yes, delete mix'" in library_tab.delete(workspace, "mix", False)
+    assert "Deleted **mix**" in library_tab.delete(workspace, "mix", True)
+    assert "mix" not in workspace.list_adapters()
+    workspace_dots.unlink()
+
+
+def test_import_validates_and_reports_unmatched_keys(studio, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    workspace, _, models, base = studio
+    source = make_adapter(base, tmp_path / "outside.safetensors", seed=2, rank=2)
+    tensors = load_file(str(source))
+    tensors["lora_unet_no_such_block.lora_down.weight"] = torch.zeros(2, 8)
+    tensors["lora_unet_no_such_block.lora_up.weight"] = torch.zeros(8, 2)
+    odd = tmp_path / "odd name!.safetensors"
+    save_file(tensors, str(odd))
+    status = library_tab.import_adapter(models, workspace, base, [str(odd)], "")
+    assert "Imported **odd_name**" in status and "1 key(s) not used" in status and "no_such_block" in status
+    assert "already exists" in library_tab.import_adapter(models, workspace, base, [str(odd)], "")
+    pickle = tmp_path / "evil.ckpt"
+    pickle.write_bytes(b"\x80\x04")
+    assert "pickles that can run arbitrary code" in library_tab.import_adapter(models, workspace, base, [pickle], "x")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(os.urandom(64))
+    assert "not a readable .safetensors" in library_tab.import_adapter(models, workspace, base, [junk], "x")
+    assert "choose a .safetensors" in library_tab.import_adapter(models, workspace, base, None, "")
+    library_tab.delete(workspace, "odd_name", True)
+
+
+# ---------------------------------------------------------------------------------------------------- app
 
 
 def test_names_and_auth_are_validated():
@@ -67,6 +399,10 @@ def test_names_and_auth_are_validated():
         parse_auth("nopassword")
 
 
-def test_app_builds(tmp_path):
-    app = build_app(Workspace(tmp_path / "ws"))
+def test_app_builds_and_the_base_picker_reports(tmp_path, tiny_model_dir):
+    models = ModelCache()
+    app = build_app(Workspace(tmp_path / "ws"), base=str(tiny_model_dir), models=models)
     assert app is not None
+    assert "not found" in describe_base(str(tmp_path / "nowhere"))
+    assert "SD 1.x" in load_model(models, str(tiny_model_dir)) and "native size 32x32" in models.describe()
+    assert "base model not found" in load_model(models, str(tmp_path / "nowhere"))

@@ -1,4 +1,4 @@
-"""Builds the studio's Gradio Blocks app and serves it."""
+"""Builds the studio's Gradio Blocks app (model picker + one module per tab) and serves it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import gradio as gr
 from studio.jobs import JobRunner
 from studio.library import Workspace
 from studio.models import resolve_spec
-from studio.ui import export_tab, train_tab
+from studio.ui import compare_tab, dataset_tab, generate_tab, library_tab, train_tab
+from studio.ui.common import ModelCache, error_text
+
+CSS = "#train-progress progress { height: 18px; } .train-error { color: #b00020; }"
 
 
 def describe_base(spec: str) -> str:
@@ -19,19 +22,63 @@ def describe_base(spec: str) -> str:
     return f"**Base model:** `{spec}` ({kind.replace('_', ' ')}: {location})"
 
 
-def build_app(workspace: Workspace, base: str = "demo", runner: JobRunner | None = None) -> gr.Blocks:
-    """The whole UI, bound to one workspace and one training slot."""
-    runner = runner or JobRunner()
+def load_model(models: ModelCache, spec: str) -> str:
+    """Load the chosen base model now; say what is loaded (family, size) or why it failed."""
+    try:
+        models.get(spec)
+    except Exception as exc:
+        return f"{error_text(exc)}\n\n{models.describe()}"
+    return models.describe()
+
+
+def build_app(
+    workspace: Workspace,
+    base: str = "demo",
+    runner: JobRunner | None = None,
+    models: ModelCache | None = None,
+) -> gr.Blocks:
+    """The whole UI, bound to one workspace, one training slot and one loaded base model."""
+    runner = runner or JobRunner(workspace)
+    models = models or ModelCache()
     with gr.Blocks(title="LoRA style studio") as app:
         gr.Markdown("# LoRA style studio")
-        with gr.Row():
-            base_box = gr.Textbox(value=base, label="Base model (demo, a diffusers folder, a .safetensors, a hub id)")
-            base_status = gr.Markdown(describe_base(base))
+        with gr.Row(equal_height=True):
+            base_box = gr.Textbox(
+                value=base,
+                label="Base model: demo, a diffusers folder, a .safetensors checkpoint, or a hub id",
+                scale=3,
+                elem_id="base-model",
+            )
+            load = gr.Button("Load model", scale=0, elem_id="base-load")
+            with gr.Column(scale=3):
+                base_status = gr.Markdown(describe_base(base), elem_id="base-status")
+                loaded = gr.Markdown(models.describe(), elem_id="base-loaded")
         base_box.change(describe_base, base_box, base_status)
-        with gr.Tab("Train"):
-            train_tab.build(runner, workspace, base_box)
-        with gr.Tab("Export"):
-            export_tab.build(workspace)
+        load.click(lambda s: load_model(models, s), base_box, loaded)
+        with gr.Tab("Dataset", elem_id="tab-dataset") as dataset_page:
+            datasets = dataset_tab.build(workspace)
+        with gr.Tab("Train", elem_id="tab-train") as train_page:
+            trained = train_tab.build(runner, workspace, models, base_box)
+        with gr.Tab("Generate", elem_id="tab-generate") as generate_page:
+            generated = generate_tab.build(workspace, models, base_box)
+        with gr.Tab("Compare", elem_id="tab-compare") as compare_page:
+            compared = compare_tab.build(workspace, models, base_box)
+        with gr.Tab("Library", elem_id="tab-library") as library_page:
+            library = library_tab.build(workspace, models, base_box)
+
+        # lists that other tabs change are refreshed when a tab is opened
+        dataset_lists = [datasets["dataset"], trained["dataset"]]
+        adapter_lists = generated["adapter_dropdowns"] + compared["adapter_dropdowns"]
+        for page in (dataset_page, train_page):
+            page.select(
+                lambda: tuple(gr.update(choices=workspace.list_datasets()) for _ in dataset_lists), None, dataset_lists
+            )
+        for page in (generate_page, compare_page):
+            page.select(
+                lambda: tuple(gr.update(choices=workspace.list_adapters()) for _ in adapter_lists), None, adapter_lists
+            )
+        library_page.select(library["refresh"], None, library["refresh_outputs"])
+        app.load(lambda: models.describe(), None, loaded)
     return app
 
 
@@ -53,9 +100,15 @@ def launch(
     auth: str | None = None,
     share: bool = False,
 ) -> None:
-    """Serve the UI (localhost only unless another host is given)."""
+    """Serve the UI (localhost only and no public link unless asked)."""
     ws = Workspace(workspace)
     app = build_app(ws, base)
-    app.queue(max_size=32).launch(
-        server_name=host, server_port=port, auth=parse_auth(auth), share=share, allowed_paths=[str(ws.root)]
+    app.queue(max_size=32, default_concurrency_limit=2).launch(
+        server_name=host,
+        server_port=port,
+        auth=parse_auth(auth),
+        share=share,
+        allowed_paths=[str(ws.root)],
+        show_error=False,
+        css=CSS,
     )

@@ -1,126 +1,302 @@
-"""Train tab: check a data folder, start / cancel a background training run, watch progress and loss."""
+"""Train tab: preset and parameters, a live plan, and background jobs (start / cancel / resume, progress, loss)."""
 
 from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
 from studio.jobs import JobRunner, TrainingJob
-from studio.library import Workspace
+from studio.library import Workspace, safe_name
+from studio.ui.common import ModelCache, real_number, reports_errors, whole_number
+from studio.ui.plan import describe_plan
 from training.config import PRESETS, TrainConfig
-from training.data import scan_dataset
+
+# The tab's inputs, in the order handlers receive them.
+FIELDS = (
+    "dataset",
+    "name",
+    "preset",
+    "rank",
+    "alpha",
+    "steps",
+    "epochs",
+    "unet_lr",
+    "te_lr",
+    "resolution",
+    "batch_size",
+    "train_te",
+    "prior",
+    "class_prompt",
+    "class_images",
+    "seed",
+    "checkpoint_every",
+    "sample_prompts",
+)
+# Preset fields shown in the tab -> TrainConfig names
+PRESET_FIELDS = {
+    "rank": "rank",
+    "alpha": "alpha",
+    "steps": "max_train_steps",
+    "epochs": "epochs",
+    "unet_lr": "unet_lr",
+    "te_lr": "text_encoder_lr",
+    "batch_size": "batch_size",
+    "train_te": "train_text_encoder",
+}
 
 
-def check_data(data_dir: str, trigger: str) -> str:
-    """The validation report of a data folder, as Markdown."""
-    if not (data_dir or "").strip():
-        return "Enter the folder that holds your training images."
-    try:
-        report = scan_dataset(data_dir.strip(), trigger.strip(), f"{trigger.strip()} style")
-    except ValueError as exc:
-        return f"**Error:** {exc}"
-    lines = [f"**{len(report.items)} image(s) kept, {len(report.skipped)} skipped**", ""]
-    lines += [f"- skipped `{s.path.name}`: {s.reason}" for s in report.skipped]
-    return "\n".join(lines)
+def preset_values(preset: str) -> dict[str, Any]:
+    """The tab's field values for `preset` (the preset over TrainConfig's defaults)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    config = TrainConfig.from_preset(preset)
+    return {field: getattr(config, name) for field, name in PRESET_FIELDS.items()}
 
 
-def build_config(
-    workspace: Workspace,
-    base: str,
-    data_dir: str,
-    name: str,
-    trigger: str,
-    preset: str,
-    steps: float,
-    rank: float,
-    resolution: float,
-    text_encoder: bool,
-) -> TrainConfig:
-    """The TrainConfig for the Train tab's values (raises ValueError naming a bad value)."""
-    for label, value in (("steps", steps), ("rank", rank), ("resolution", resolution)):
-        if value is None or float(value) != int(value):
-            raise ValueError(f"{label} must be a whole number, got {value!r}")
+def default_values(**overrides: Any) -> dict[str, Any]:
+    """Every field of the tab with its initial value (the style preset), with `overrides`."""
+    values = {
+        "dataset": "",
+        "name": "my_style",
+        "preset": "style",
+        **preset_values("style"),
+        "resolution": 0,
+        "prior": False,
+        "class_prompt": "",
+        "class_images": 0,
+        "seed": 0,
+        "checkpoint_every": 0,
+        "sample_prompts": "",
+    }
+    unknown = set(overrides) - set(values)
+    if unknown:
+        raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    values.update(overrides)
+    return values
+
+
+def as_args(values: dict[str, Any]) -> list[Any]:
+    """The values in FIELDS order (how the page passes them)."""
+    return [values[f] for f in FIELDS]
+
+
+def build_config(workspace: Workspace, base: str, *args: Any) -> TrainConfig:
+    """The TrainConfig for the tab's values (a ValueError names any bad value)."""
+    v = dict(zip(FIELDS, args, strict=True))
+    if not (v["dataset"] or "").strip():
+        raise ValueError("no images: choose a dataset (make one in the Dataset tab)")
+    data_dir = workspace.existing_dataset(v["dataset"])
+    if not workspace.dataset_images(v["dataset"]):
+        raise ValueError(f"no images: dataset {v['dataset']!r} is empty; add images in the Dataset tab")
+    name = safe_name(v["name"])
+    settings = workspace.dataset_settings(v["dataset"])
+    steps = whole_number(v["steps"], "steps", 0)
+    epochs = whole_number(v["epochs"], "epochs", 0)
+    every = whole_number(v["checkpoint_every"], "checkpoint interval", 0)
+    prompts = [p.strip() for p in (v["sample_prompts"] or "").splitlines() if p.strip()]
+    preset = v["preset"] if v["preset"] in PRESETS else "style"
     return TrainConfig.from_preset(
         preset,
-        base=base.strip(),
-        data_dir=(data_dir or "").strip(),
+        base=(base or "").strip(),
+        data_dir=str(data_dir),
         output=str(workspace.adapter_path(name)),
         work_dir=str(workspace.run_dir(name)),
-        output_name=name.strip(),
-        trigger=trigger.strip(),
-        max_train_steps=int(steps),
-        epochs=0,
-        rank=int(rank),
-        alpha=float(rank) / 2,
-        resolution=int(resolution),
-        train_text_encoder=bool(text_encoder),
+        output_name=name,
+        trigger=settings["trigger"],
+        class_noun=settings["class_noun"],
+        rank=whole_number(v["rank"], "rank", 1, 1024),
+        alpha=real_number(v["alpha"], "alpha", 0),
+        max_train_steps=steps,
+        epochs=epochs if steps == 0 else 0,
+        unet_lr=real_number(v["unet_lr"], "UNet learning rate", 0),
+        text_encoder_lr=real_number(v["te_lr"], "text-encoder learning rate", 0),
+        resolution=whole_number(v["resolution"], "resolution", 0, 4096),
+        batch_size=whole_number(v["batch_size"], "batch size", 1, 256),
+        train_text_encoder=bool(v["train_te"]),
+        prior_preservation=bool(v["prior"]),
+        class_prompt=(v["class_prompt"] or "").strip(),
+        num_class_images=whole_number(v["class_images"], "class images", 0),
+        seed=whole_number(v["seed"], "seed", 0),
+        checkpoint_every_steps=every,
+        sample_prompts=prompts,
     )
 
 
-def start(runner: JobRunner, workspace: Workspace, *values) -> str:
-    """Start a run from the tab's values; a readable message either way."""
+def plan(models: ModelCache, workspace: Workspace, base: str, *args: Any) -> str:
+    """The live plan for the current settings, or what is wrong with them."""
     try:
-        config = build_config(workspace, *values)
-        if workspace.adapter_path(config.output_name).exists():
-            raise ValueError(f"an adapter named {config.output_name!r} already exists; choose another name")
-        runner.submit(config)
-    except ValueError as exc:
-        return f"**Error:** {exc}"
-    return f"Started training **{config.output_name}** ({config.max_train_steps} steps)."
+        config = build_config(workspace, base, *args)
+        return describe_plan(config, models.get(base))
+    except Exception as exc:  # the plan is advisory: show why it cannot be computed
+        from studio.ui.common import error_text
+
+        return error_text(exc).replace("**Error:**", "**Plan unavailable:**")
 
 
-def status(job: TrainingJob | None) -> tuple[str, dict, list]:
-    """(progress text, loss plot data, sample image paths) of the current job."""
+@reports_errors(outputs=1, status=0)
+def start(runner: JobRunner, workspace: Workspace, base: str, *args: Any) -> str:
+    """Queue a run from the tab's values; it starts when the training slot is free."""
+    config = build_config(workspace, base, *args)
+    if workspace.adapter_path(config.output_name).exists():
+        raise ValueError(f"an adapter named {config.output_name!r} already exists; choose another name")
+    job = runner.submit(config)
+    position = runner.queue_position(job)
+    where = f"queued (position {position})" if position > 1 else "starting"
+    return f"Training **{job.name}** {where}."
+
+
+@reports_errors(outputs=1, status=0)
+def cancel(runner: JobRunner, name: str | None) -> str:
+    """Cancel the chosen job (default: the current one)."""
+    job = runner.get(name) if name and runner.jobs.get(name) and runner.jobs[name].active else runner.current
+    job = runner.cancel(job.name if job else None)
+    return f"Cancelling **{job.name}**: it stops after the current step and keeps a checkpoint to resume from."
+
+
+@reports_errors(outputs=1, status=0)
+def resume(runner: JobRunner, name: str | None) -> str:
+    """Resume the chosen interrupted / cancelled / failed job (default: the most recent such job)."""
+    if not name:
+        candidates = [j for j in runner.list_jobs() if j.status in ("interrupted", "cancelled", "failed")]
+        if not candidates:
+            raise ValueError("no interrupted, cancelled or failed job to resume")
+        name = candidates[0].name
+    job = runner.resume(name)
+    return f"Resuming **{job.name}** from its newest checkpoint."
+
+
+def progress_html(job: TrainingJob | None, runner: JobRunner | None = None) -> str:
+    """A progress bar with step, loss and ETA for `job`."""
+    if job is None:
+        return "<p id='train-progress'>No training job yet.</p>"
+    percent = job.percent
+    parts = [f"<b>{html.escape(job.name)}</b>: {job.status}"]
+    if job.status == "queued" and runner is not None and runner.queue_position(job):
+        parts.append(f"position {runner.queue_position(job)} in the queue")
+    if job.total_steps:
+        parts.append(f"step {job.step}/{job.total_steps} ({percent:.0f}%)")
+    if job.losses:
+        parts.append(f"loss {job.losses[-1][1]:.4f}")
+    if job.status == "running" and job.eta_seconds is not None and job.phase == "training":
+        parts.append(f"ETA {job.eta_seconds:.0f} s")
+    elif job.status == "running" and job.message:
+        parts.append(html.escape(job.message))
+    text = " - ".join(parts)
+    error = f"<p class='train-error'>{html.escape(job.error)}</p>" if job.error else ""
+    done = f"<p>Saved adapter <code>{html.escape(job.output.name)}</code>.</p>" if job.status == "done" else ""
+    return (
+        f"<div id='train-progress'><progress max='100' value='{percent:.1f}' style='width:100%'></progress>"
+        f"<p>{text}</p>{error}{done}</div>"
+    )
+
+
+def jobs_table(runner: JobRunner) -> list[list[Any]]:
+    """One row per known job: name, status, steps, final loss."""
+    rows = []
+    for job in runner.list_jobs():
+        loss = f"{job.losses[-1][1]:.4f}" if job.losses else ""
+        rows.append([job.name, job.status, f"{job.step}/{job.total_steps}", loss])
+    return rows or [["", "", "", ""]]
+
+
+def job_view(runner: JobRunner, name: str | None) -> tuple:
+    """(progress HTML, loss data, sample images, jobs table) for the chosen job (default: the current one)."""
     import pandas as pd
 
-    empty = pd.DataFrame({"step": [], "loss": []})
-    if job is None:
-        return "No training job yet.", empty, []
-    event = job.latest
-    text = f"**{job.status}**"
-    if event is not None and event.total_steps:
-        percent = 100 * event.step / event.total_steps
-        text += f" - step {event.step}/{event.total_steps} ({percent:.0f}%)"
-        if event.loss is not None:
-            text += f", loss {event.loss:.4f}"
-        if event.eta_seconds is not None and job.status == "running":
-            text += f", ETA {event.eta_seconds:.0f}s"
-    elif event is not None:
-        text += f" - {event.message}"
-    if job.error:
-        text += f"\n\n{job.error}"
-    if job.status == "done" and job.result is not None:
-        text += f"\n\nSaved `{job.result.output.name}`."
-    losses = job.losses
-    frame = pd.DataFrame({"step": [s for s, _ in losses], "loss": [v for _, v in losses]}) if losses else empty
-    return text, frame, [str(p) for p in job.samples]
+    job = runner.jobs.get(name) if name else None
+    job = job or runner.current
+    losses = job.losses if job else []
+    frame = pd.DataFrame({"step": [s for s, _ in losses], "loss": [v for _, v in losses]})
+    samples = [p for p in (job.samples if job else []) if Path(p).is_file()]
+    return progress_html(job, runner), frame, samples, jobs_table(runner)
 
 
-def build(runner: JobRunner, workspace: Workspace, base_box: gr.Textbox) -> None:
-    """Lay out the Train tab inside the current Blocks."""
+def build(runner: JobRunner, workspace: Workspace, models: ModelCache, base_box: gr.Textbox) -> dict:
+    """Lay out the Train tab inside the current Blocks; return components other tabs use."""
+    d = default_values()
+    c: dict[str, gr.components.Component] = {}
     with gr.Row():
-        data_dir = gr.Textbox(label="Image folder", placeholder="/path/to/images (with optional .txt captions)")
-        name = gr.Textbox(label="Adapter name", value="my_style")
-        trigger = gr.Textbox(label="Trigger word", value="sks")
+        c["dataset"] = gr.Dropdown(choices=workspace.list_datasets(), label="Dataset", elem_id="train-dataset")
+        c["name"] = gr.Textbox(label="Adapter name", value=d["name"], elem_id="train-name")
+        c["preset"] = gr.Dropdown(choices=list(PRESETS), value=d["preset"], label="Preset", elem_id="train-preset")
+        refresh = gr.Button("Refresh datasets", size="sm")
     with gr.Row():
-        preset = gr.Dropdown(choices=list(PRESETS), value="style", label="Preset")
-        steps = gr.Number(label="Steps", value=PRESETS["style"]["max_train_steps"], precision=0)
-        rank = gr.Number(label="Rank", value=PRESETS["style"]["rank"], precision=0)
-        resolution = gr.Number(label="Resolution", value=512, precision=0)
-        text_encoder = gr.Checkbox(label="Train text encoder", value=False)
-    report = gr.Markdown()
+        c["rank"] = gr.Number(label="Rank", value=d["rank"], precision=0, elem_id="train-rank")
+        c["alpha"] = gr.Number(label="Alpha", value=d["alpha"])
+        c["steps"] = gr.Number(label="Steps (0: use epochs)", value=d["steps"], precision=0, elem_id="train-steps")
+        c["epochs"] = gr.Number(label="Epochs (used when steps is 0)", value=d["epochs"], precision=0)
+        c["batch_size"] = gr.Number(label="Batch size", value=d["batch_size"], precision=0, elem_id="train-batch")
+        c["resolution"] = gr.Number(
+            label="Resolution (0: model's native)", value=d["resolution"], precision=0, elem_id="train-resolution"
+        )
     with gr.Row():
-        check = gr.Button("Check data")
-        go = gr.Button("Start training", variant="primary")
-        stop = gr.Button("Cancel")
-    progress = gr.Markdown("No training job yet.")
-    loss_plot = gr.LinePlot(x="step", y="loss", label="Loss")
-    samples = gr.Gallery(label="Samples at checkpoints", columns=4, height=200)
-
-    values = [base_box, data_dir, name, trigger, preset, steps, rank, resolution, text_encoder]
-    check.click(check_data, [data_dir, trigger], report)
-    go.click(lambda *v: start(runner, workspace, *v), values, report)
-    stop.click(lambda: runner.current.cancel() if runner.current else None, None, None)
-    preset.change(
-        lambda p: (PRESETS[p].get("max_train_steps", 1000), PRESETS[p].get("rank", 16)), preset, [steps, rank]
+        c["unet_lr"] = gr.Number(label="UNet learning rate", value=d["unet_lr"])
+        c["te_lr"] = gr.Number(label="Text-encoder learning rate", value=d["te_lr"])
+        c["train_te"] = gr.Checkbox(label="Train text encoder", value=d["train_te"])
+        c["seed"] = gr.Number(label="Seed", value=d["seed"], precision=0)
+        c["checkpoint_every"] = gr.Number(
+            label="Checkpoint every N steps (0: off)", value=d["checkpoint_every"], precision=0, elem_id="train-ckpt"
+        )
+    with gr.Row():
+        c["prior"] = gr.Checkbox(label="Prior preservation", value=d["prior"])
+        c["class_prompt"] = gr.Textbox(label="Class prompt", placeholder="a painting")
+        c["class_images"] = gr.Number(label="Class images", value=d["class_images"], precision=0)
+    c["sample_prompts"] = gr.Textbox(
+        label="Sample prompts (one per line; rendered at each checkpoint)", lines=2, elem_id="train-samples"
     )
-    gr.Timer(1.0).tick(lambda: status(runner.current), None, [progress, loss_plot, samples])
+    plan_box = gr.Markdown("Choose a dataset to see the plan.", elem_id="train-plan")
+    with gr.Row():
+        go = gr.Button("Start training", variant="primary", elem_id="train-start")
+        stop = gr.Button("Cancel", elem_id="train-cancel")
+        again = gr.Button("Resume", elem_id="train-resume")
+        job_pick = gr.Dropdown(choices=[], label="Job (default: current)", allow_custom_value=True, scale=2)
+    message = gr.Markdown(elem_id="train-message")
+    progress = gr.HTML(progress_html(runner.current, runner), elem_id="train-progress-box")
+    with gr.Row():
+        loss_plot = gr.LinePlot(x="step", y="loss", label="Loss", height=260, elem_id="train-loss")
+        samples = gr.Gallery(
+            fit_columns=False,
+            object_fit="contain",
+            label="Samples at checkpoints",
+            columns=3,
+            height=260,
+            elem_id="train-samples-gallery",
+        )
+    jobs = gr.Dataframe(headers=["job", "status", "steps", "last loss"], label="Jobs", interactive=False)
+
+    inputs = [base_box, *(c[f] for f in FIELDS)]
+    gr.on(
+        [comp.change for comp in inputs],
+        lambda *v: plan(models, workspace, *v),
+        inputs,
+        plan_box,
+        show_progress="hidden",
+        trigger_mode="always_last",
+    )
+    c["preset"].change(
+        lambda p: tuple(preset_values(p)[f] for f in PRESET_FIELDS) if p in PRESETS else gr.skip(),
+        c["preset"],
+        [c[f] for f in PRESET_FIELDS],
+    )
+    go.click(lambda *v: start(runner, workspace, *v), inputs, message)
+    stop.click(lambda n: cancel(runner, n), job_pick, message)
+    again.click(lambda n: resume(runner, n), job_pick, message)
+    refresh.click(lambda: gr.update(choices=workspace.list_datasets()), None, c["dataset"])
+
+    shown = gr.State(None)  # what this page already shows, so unchanged outputs are not re-sent
+
+    def tick(name, before):
+        view = job_view(runner, name)
+        names = [j.name for j in runner.list_jobs()]
+        now = [view[0], len(view[1]), tuple(view[2]), str(view[3]), tuple(names)]
+        before = before or [None] * len(now)
+        values = [view[0], view[1], view[2], view[3], gr.update(choices=names)]
+        out = [value if now[i] != before[i] else gr.skip() for i, value in enumerate(values)]
+        return (*out, now)
+
+    timer = gr.Timer(1.0)
+    timer.tick(tick, [job_pick, shown], [progress, loss_plot, samples, jobs, job_pick, shown], show_progress="hidden")
+    return {"dataset": c["dataset"]}
