@@ -1,0 +1,198 @@
+"""Does style learning work? Train the default `style` preset on a demo style set and measure it.
+
+    python bench/style_learning.py [--style ink] [--prompts 40] [--no-full]
+
+Trains a LoRA through the library (the same code path as `studio train`), then draws held-out prompts
+(color/shape pairs that are not in the style set) with and without the adapter, and scores them:
+style score (a style classifier trained on fresh renders of the style vs plain renders), content accuracy
+(the shapes-world evaluator), trainable parameters, adapter file size and wall time; and the same for full
+fine-tuning of the UNet on the same data, as the LoRA paper compares. Prints one JSON object (last line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sample_data.evaluate_demo import generate_scenes  # noqa: E402
+from sample_data.evaluator import content_accuracy, load_content_evaluator, train_style_classifier  # noqa: E402
+from sample_data.shapes import COLORS, HELD_OUT_PAIRS, Scene, random_scene  # noqa: E402
+from studio.compose import AdapterStack, load_adapter  # noqa: E402
+from studio.models import load_base  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
+from training.data import image_to_tensor, open_image, scan_dataset  # noqa: E402
+from training.trainer import Trainer  # noqa: E402
+
+TRIGGER = "sks"
+
+
+def held_out_scenes(count: int, seed: int = 77) -> list[Scene]:
+    """Scenes whose (color, shape) pair never occurs in a style set, on random backgrounds."""
+    rng = random.Random(seed)
+    pairs = sorted(HELD_OUT_PAIRS)
+    out = []
+    for index in range(count):
+        color, shape = pairs[index % len(pairs)]
+        out.append(
+            random_scene(rng, color=color, shape=shape, background=rng.choice([c for c in COLORS if c != color]))
+        )
+    return out
+
+
+def with_trigger(scene_list: list[Scene]) -> list[Scene]:
+    """The same scenes, captioned as the style set was trained: 'sks, a ... background'."""
+    return [_Prompted(s, f"{TRIGGER}, {s.prompt}") for s in scene_list]
+
+
+class _Prompted:
+    """A scene with a different prompt (the evaluator still checks the scene's own attributes)."""
+
+    def __init__(self, scene: Scene, prompt: str):
+        self.scene, self.prompt = scene, prompt
+        self.color, self.shape, self.background = scene.color, scene.shape, scene.background
+
+
+def score(base, scene_list, evaluator, classifier) -> dict:
+    """Style score and content accuracy of generations for `scene_list`."""
+    images = generate_scenes(base, scene_list)
+    return {
+        "style_score": round(float(classifier.probability(images).mean()), 4),
+        "content": {k: round(v, 4) for k, v in content_accuracy(evaluator, images, scene_list).items()},
+    }
+
+
+def full_finetune(base, data_dir: Path, steps: int, batch_size: int, lr: float, seed: int) -> float:
+    """Fine-tune every UNet weight on the style set (text encoder frozen); returns seconds."""
+    report = scan_dataset(data_dir, TRIGGER, f"{TRIGGER} style")
+    pipe = base.pipeline
+    size = base.unet.config.sample_size * pipe.vae_scale_factor
+    with torch.no_grad():
+        pixels = torch.stack(
+            [image_to_tensor(open_image(i.path), (size, size), True, False, None) for i in report.items]
+        )
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        ids = pipe.tokenizer(
+            [i.caption for i in report.items],
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
+        hidden = pipe.text_encoder(ids)[0]
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet = pipe.unet
+    unet.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    started = time.time()
+    for _ in range(steps):
+        index = torch.randint(0, len(latents), (batch_size,), generator=generator)
+        flip = torch.rand(batch_size, generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], latents[index].flip(3), latents[index])
+        noise = torch.randn(x.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
+        weight = torch.clamp(snr, max=5.0) / snr
+        pred = unet(scheduler.add_noise(x, noise, t), t, hidden[index]).sample
+        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    unet.eval().requires_grad_(False)
+    return time.time() - started
+
+
+def main() -> None:
+    """Train, generate, score; print JSON."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--style", default="ink")
+    parser.add_argument("--prompts", type=int, default=40)
+    parser.add_argument("--no-full", action="store_true", help="skip the full fine-tuning reference")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    data_dir = ROOT / "sample_data" / "styles" / args.style
+    evaluator = load_content_evaluator()
+    started = time.time()
+    classifier = train_style_classifier(args.style)
+    classifier_seconds = time.time() - started
+    plain = held_out_scenes(args.prompts)
+    triggered = with_trigger(plain)
+
+    base = load_base("demo")
+    result = {
+        "style": args.style,
+        "prompts": args.prompts,
+        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
+    }
+    result["base"] = score(base, plain, evaluator, classifier)
+    result["base_with_trigger"] = score(base, triggered, evaluator, classifier)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig.from_preset(
+            "style",
+            base="demo",
+            data_dir=str(data_dir),
+            trigger=TRIGGER,
+            output=str(Path(tmp) / f"{args.style}.safetensors"),
+        )
+        trainer = Trainer(config)
+        train_started = time.time()
+        trained = trainer.run()
+        lora_seconds = time.time() - train_started
+        fresh = load_base("demo")
+        stack = AdapterStack(fresh)
+        name = stack.add(load_adapter(trained.output, fresh), 1.0)
+        with_adapter = score(fresh, triggered, evaluator, classifier)
+        stack.set_weight(name, 0.0)
+        weight_zero = score(fresh, triggered, evaluator, classifier)
+        unet_te = trained.total_parameters - trained.trainable_parameters
+        result["lora"] = {
+            **with_adapter,
+            "at_weight_0": weight_zero,
+            "trainable_parameters": trained.trainable_parameters,
+            "trainable_percent_of_unet_and_text_encoder": round(100 * trained.trainable_parameters / unet_te, 3),
+            "adapter_file_bytes": trained.output.stat().st_size,
+            "train_seconds": round(lora_seconds, 1),
+            "steps": trained.steps,
+            "config": {
+                k: config.to_dict()[k]
+                for k in ("rank", "alpha", "unet_targets", "max_train_steps", "batch_size", "unet_lr")
+            },
+        }
+
+    if not args.no_full:
+        full = load_base("demo")
+        full_seconds = full_finetune(full, data_dir, trained.steps, config.batch_size, lr=2e-5, seed=config.seed)
+        full_prompts = triggered
+        result["full_finetune"] = {
+            **score(full, full_prompts, evaluator, classifier),
+            "trainable_parameters": sum(p.numel() for p in full.unet.parameters()),
+            "train_seconds": round(full_seconds, 1),
+            "checkpoint_bytes_fp16": 2 * sum(p.numel() for p in full.unet.parameters()),
+        }
+        result["lora_vs_full"] = {
+            "style_score_gap": round(result["full_finetune"]["style_score"] - result["lora"]["style_score"], 4),
+            "parameter_ratio_percent": round(
+                100 * trained.trainable_parameters / result["full_finetune"]["trainable_parameters"], 3
+            ),
+        }
+    result["style_classifier_seconds"] = round(classifier_seconds, 1)
+    result["wall_seconds"] = round(time.time() - started, 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

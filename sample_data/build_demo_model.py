@@ -1,0 +1,405 @@
+"""Build the bundled demo base model: a small but real latent diffusion model of the shapes world.
+
+    python sample_data/build_demo_model.py            # about an hour on 2 CPU cores
+
+Stages (each cached in sample_data/.build so a stage can be re-run alone with --from STAGE):
+  data       pools of images: a broad procedural corpus for the autoencoder, plain shapes-world scenes for the UNet
+  vae        an AutoencoderKL (f=4, 4 latent channels) trained on the broad corpus
+  latents    the plain scenes encoded once (the UNet trains on cached latents)
+  unet       a CLIPTextModel (with a real CLIPTokenizer over a small word vocabulary) and a UNet2DConditionModel
+             trained together from scratch with classifier-free-guidance dropout, min-SNR weighting and EMA
+  save       the diffusers folder sample_data/demo_model (loads with StableDiffusionPipeline.from_pretrained)
+The evaluator and the measurements live in sample_data/evaluate_demo.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sample_data.shapes import COLORS, SHAPES, render, scenes, texture_image, to_array  # noqa: E402
+
+BUILD = ROOT / "sample_data" / ".build"
+OUT = ROOT / "sample_data" / "demo_model"
+STAGES = ("data", "vae", "latents", "unet", "save")
+SEED = 1234
+MAX_TOKENS = 24
+WORDS = sorted(
+    set(COLORS)
+    | set(SHAPES)
+    | {
+        "a",
+        "an",
+        "on",
+        "background",
+        "the",
+        "of",
+        "in",
+        "with",
+        "style",
+        "picture",
+        "drawing",
+        "painting",
+        "photo",
+        "shape",
+        "and",
+    }
+)
+
+
+def log(message: str) -> None:
+    """Print a timestamped progress line."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+
+def write_tokenizer(directory: Path) -> None:
+    """A real CLIP BPE vocabulary: every byte-level character, plus whole-word tokens for the shapes world."""
+    from transformers import CLIPTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = [chr(c) for c in range(33, 127)]
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    merges = []
+    for word in WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            if merged not in tokens:
+                tokens.append(merged)
+            pieces = [merged] + pieces[2:]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    tokenizer = CLIPTokenizer.from_pretrained(directory, model_max_length=MAX_TOKENS)
+    tokenizer.save_pretrained(directory)
+
+
+# --------------------------------------------------------------------------------------------- stage: data
+
+
+def stage_data(vae_pool: int, scene_pool: int) -> None:
+    """Render the autoencoder's broad corpus and the UNet's plain scenes (with their prompts)."""
+    from multiprocessing import Pool
+
+    BUILD.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with Pool(2) as pool:
+        corpus = pool.map(_texture, range(vae_pool), chunksize=64)
+        corpus += pool.map(_render, scenes(SEED + 1, vae_pool // 3), chunksize=64)
+        np.save(BUILD / "vae_corpus.npy", np.stack(corpus))
+        log(f"vae corpus: {len(corpus)} images in {time.time() - started:.0f}s")
+        started = time.time()
+        plain = scenes(SEED + 2, scene_pool)
+        np.save(BUILD / "scenes.npy", np.stack(pool.map(_render, plain, chunksize=64)))
+    (BUILD / "scenes.json").write_text(json.dumps([s.prompt for s in plain]))
+    log(f"unet corpus: {len(plain)} plain scenes in {time.time() - started:.0f}s")
+
+
+def _texture(index: int) -> np.ndarray:
+    return to_array(texture_image(random.Random(f"texture:{SEED}:{index}")))
+
+
+def _render(scene) -> np.ndarray:
+    return to_array(render(scene))
+
+
+def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random flips and quarter turns of an NCHW batch (pictures, not scenes: only for the autoencoder)."""
+    if torch.rand((), generator=generator) < 0.5:
+        batch = batch.flip(3)
+    turns = int(torch.randint(0, 4, (), generator=generator))
+    return torch.rot90(batch, turns, dims=(2, 3))
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# --------------------------------------------------------------------------------------------- stage: vae
+
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 3,
+    up_block_types=["UpDecoderBlock2D"] * 3,
+    block_out_channels=[16, 32, 64],
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=16,
+    mid_block_add_attention=False,
+    sample_size=64,
+)
+CROP = 32  # the autoencoder is fully convolutional: training on crops is 4x cheaper and sees the same textures
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two image batches in [-1, 1]."""
+    mse = F.mse_loss((a.clamp(-1, 1) + 1) / 2, (b.clamp(-1, 1) + 1) / 2).item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def stage_vae(minutes: float, batch_size: int = 16, lr: float = 2e-3) -> None:
+    """Train the autoencoder on the broad corpus for `minutes`; record its scaling factor."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(SEED)
+    corpus = np.load(BUILD / "vae_corpus.npy")
+    held_out, train = corpus[:256], corpus[256:]
+    vae = AutoencoderKL(**VAE_CONFIG)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(SEED)
+    deadline, step, started = time.time() + minutes * 60, 0, time.time()
+    total_estimate = None
+    while time.time() < deadline:
+        if step == 20:
+            per_step = (time.time() - started) / 20
+            total_estimate = int(minutes * 60 / per_step)
+        if total_estimate:
+            progress = min(1.0, step / total_estimate)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * min(1.0, step / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+        index = torch.randint(0, len(train), (batch_size,), generator=generator).numpy()
+        top, left = (int(v) for v in torch.randint(0, 64 - CROP + 1, (2,), generator=generator))
+        x = _augment(to_tensor(train[index])[:, :, top : top + CROP, left : left + CROP], generator)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.sample(generator)
+        recon = vae.decode(z).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % 500 == 0:
+            log(f"vae step {step}: loss {loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        x = to_tensor(held_out)
+        latents = vae.encode(x).latent_dist.mode()
+        quality = psnr(vae.decode(latents).sample, x)
+        scaling = 1.0 / latents.std().item()
+        styled = to_tensor(np.stack([to_array(render(s)) for st in ("ink", "halftone") for s in scenes(5, 60, st)]))
+        style_quality = psnr(vae.decode(vae.encode(styled).latent_dist.mode()).sample, styled)
+    vae.register_to_config(scaling_factor=scaling)
+    vae.save_pretrained(BUILD / "vae")
+    log(
+        f"vae: {step} steps, held-out PSNR {quality:.2f} dB, style-set PSNR {style_quality:.2f} dB, "
+        f"scaling factor {scaling:.4f}"
+    )
+
+
+# --------------------------------------------------------------------------------------------- stage: latents
+
+
+def stage_latents() -> None:
+    """Encode the plain scenes once (and their mirror images) with the trained autoencoder."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(BUILD / "vae").eval()
+    images = np.load(BUILD / "scenes.npy")
+    started, chunks = time.time(), []
+    with torch.no_grad():
+        for start in range(0, len(images), 256):
+            x = to_tensor(images[start : start + 256])
+            chunks.append(vae.encode(x).latent_dist.parameters)
+    torch.save(torch.cat(chunks), BUILD / "scene_latents.pt")
+    log(f"latents: {len(images)} scenes in {time.time() - started:.0f}s")
+
+
+# --------------------------------------------------------------------------------------------- stage: unet
+
+TEXT_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=512,
+    num_attention_heads=4,
+    num_hidden_layers=3,
+    max_position_embeddings=MAX_TOKENS,
+    projection_dim=128,
+    hidden_act="quick_gelu",
+)
+UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=[96, 192, 256],
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    cross_attention_dim=128,
+    attention_head_dim=4,
+    norm_num_groups=32,
+)
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+def stage_unet(minutes: float, batch_size: int = 64, lr: float = 4e-4, cfg_dropout: float = 0.1) -> None:
+    """Train text encoder and UNet together on cached latents; keep an EMA of both."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(SEED)
+    write_tokenizer(BUILD / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(BUILD / "tokenizer")
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **TEXT_CONFIG,
+        )
+    )
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    vae_config = json.loads((BUILD / "vae" / "config.json").read_text())
+    scaling = vae_config["scaling_factor"]
+    params = torch.load(BUILD / "scene_latents.pt")
+    prompts = json.loads((BUILD / "scenes.json").read_text())
+    ids = tokenizer(
+        prompts + [""], padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids
+    empty = ids[-1]
+    ids = ids[:-1]
+    models = torch.nn.ModuleList([unet, text_encoder])
+    unet_count = sum(p.numel() for p in unet.parameters()) / 1e6
+    text_count = sum(p.numel() for p in text_encoder.parameters()) / 1e6
+    log(f"unet {unet_count:.2f}M parameters, text encoder {text_count:.2f}M")
+    ema = [p.detach().clone() for p in models.parameters()]
+    optimizer = torch.optim.AdamW(models.parameters(), lr=lr, weight_decay=1e-2)
+    generator = torch.Generator().manual_seed(SEED)
+    alphas = scheduler.alphas_cumprod
+    deadline, step, started = time.time() + minutes * 60, 0, time.time()
+    total_estimate, losses = None, []
+    warmup = 200
+    while time.time() < deadline:
+        if step == 30:
+            total_estimate = int(minutes * 60 / ((time.time() - started) / 30))
+            log(f"about {total_estimate} steps fit in {minutes} minutes")
+        progress = min(1.0, step / total_estimate) if total_estimate else 0.0
+        factor = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * factor
+        index = torch.randint(0, len(params), (batch_size,), generator=generator)
+        mean, logvar = params[index].chunk(2, dim=1)
+        latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)) * scaling
+        batch_ids = ids[index].clone()
+        drop = torch.rand(batch_size, generator=generator) < cfg_dropout
+        batch_ids[drop] = empty
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, 1000, (batch_size,), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        hidden = text_encoder(batch_ids)[0]
+        pred = unet(noisy, timesteps, hidden).sample
+        snr = alphas[timesteps] / (1 - alphas[timesteps])
+        weights = torch.clamp(snr, max=5.0) / snr
+        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
+        optimizer.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for shadow, param in zip(ema, models.parameters(), strict=True):
+                shadow.lerp_(param.detach(), 1 - decay)
+        losses.append(loss.item())
+        step += 1
+        if step % 100 == 0:
+            log(f"unet step {step}: loss {sum(losses[-100:]) / 100:.4f} lr {lr * factor:.2e}")
+    with torch.no_grad():
+        for shadow, param in zip(ema, models.parameters(), strict=True):
+            param.copy_(shadow)
+    unet.save_pretrained(BUILD / "unet")
+    text_encoder.save_pretrained(BUILD / "text_encoder")
+    (BUILD / "unet_log.json").write_text(json.dumps({"steps": step, "minutes": minutes, "losses": losses[::10]}))
+    log(f"unet: {step} steps in {(time.time() - started) / 60:.1f} min")
+
+
+# --------------------------------------------------------------------------------------------- stage: save
+
+
+def stage_save() -> None:
+    """Assemble the diffusers folder and check it loads with StableDiffusionPipeline."""
+    import shutil
+
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    scheduler = DPMSolverMultistepScheduler(
+        **{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("clip_sample", "set_alpha_to_one")}
+    )
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(BUILD / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(BUILD / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(BUILD / "tokenizer", model_max_length=MAX_TOKENS),
+        unet=UNet2DConditionModel.from_pretrained(BUILD / "unet"),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if OUT.exists():
+        shutil.rmtree(OUT)
+    pipe.save_pretrained(OUT, safe_serialization=True)
+    loaded = StableDiffusionPipeline.from_pretrained(OUT)
+    image = loaded(
+        "a red circle on a white background", num_inference_steps=20, generator=torch.Generator().manual_seed(0)
+    ).images[0]
+    image.save(BUILD / "check.png")
+    size = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
+    log(f"saved {OUT} ({size / 2**20:.1f} MiB), generated a {image.size} check image")
+
+
+def main() -> None:
+    """Run the stages from --from on."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="start", choices=STAGES, default="data")
+    parser.add_argument("--only", action="store_true", help="run just the --from stage")
+    parser.add_argument("--vae-minutes", type=float, default=12)
+    parser.add_argument("--unet-minutes", type=float, default=40)
+    parser.add_argument("--vae-pool", type=int, default=3000)
+    parser.add_argument("--scene-pool", type=int, default=12000)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    run = STAGES[STAGES.index(args.start) :][: 1 if args.only else None]
+    for stage in run:
+        log(f"stage {stage}")
+        if stage == "data":
+            stage_data(args.vae_pool, args.scene_pool)
+        elif stage == "vae":
+            stage_vae(args.vae_minutes)
+        elif stage == "latents":
+            stage_latents()
+        elif stage == "unet":
+            stage_unet(args.unet_minutes)
+        else:
+            stage_save()
+
+
+if __name__ == "__main__":
+    main()

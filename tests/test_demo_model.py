@@ -1,0 +1,52 @@
+"""The bundled demo world: deterministic scenes, style sets, trusted evaluators, and the demo base model."""
+
+import os
+
+import numpy as np
+import pytest
+
+from sample_data.evaluator import EVALUATOR_PATH, content_accuracy, load_content_evaluator, render_many
+from sample_data.shapes import COLORS, HELD_OUT_PAIRS, SHAPES, STYLES, render, scenes
+from studio.models import DEMO_MODEL_DIR
+
+STYLE_DIR = DEMO_MODEL_DIR.parent / "styles"
+
+
+def test_scenes_are_deterministic_and_follow_the_vocabulary():
+    first, again = scenes(3, 20), scenes(3, 20)
+    assert first == again
+    assert all(np.array_equal(np.asarray(render(a)), np.asarray(render(b))) for a, b in zip(first, again, strict=True))
+    for scene in scenes(4, 200):
+        assert scene.color in COLORS and scene.shape in SHAPES and scene.background != scene.color
+        assert scene.prompt == f"a {scene.color} {scene.shape} on a {scene.background} background"
+
+
+@pytest.mark.parametrize("style", ["ink", "halftone"])
+def test_style_sets_have_60_captioned_images_without_held_out_pairs(style):
+    folder = STYLE_DIR / style
+    images = sorted(folder.glob("*.png"))
+    assert len(images) == 60
+    for image in images:
+        words = image.with_suffix(".txt").read_text().split()
+        assert (words[1], words[2]) not in HELD_OUT_PAIRS
+
+
+@pytest.mark.skipif(not EVALUATOR_PATH.is_file(), reason="evaluator not built")
+def test_content_evaluator_is_right_on_ground_truth_renders():
+    truth = [s for style in STYLES for s in scenes(31337, 100, style)]
+    accuracy = content_accuracy(load_content_evaluator(), render_many(truth), truth)
+    assert min(accuracy["color"], accuracy["shape"], accuracy["background"]) >= 0.98, accuracy
+
+
+@pytest.mark.skipif(not (DEMO_MODEL_DIR / "model_index.json").is_file(), reason="demo model not built")
+def test_demo_model_loads_offline_and_generates(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from studio.generate import GenerationRequest, generate
+    from studio.models import load_base
+
+    base = load_base("demo")
+    assert base.name == "demo" and base.family.name == "sd1"
+    image = generate(base, GenerationRequest(prompt="a red circle on a white background", seed=1, steps=10))
+    pixels = np.asarray(image.images[0])
+    assert pixels.shape[:2] == (64, 64) and pixels.std() > 5
+    assert os.path.getsize(DEMO_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors") < 30 * 2**20
