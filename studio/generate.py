@@ -14,7 +14,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from studio import atomic
 from studio.compose import AdapterStack, load_adapter
-from studio.infotext import format_infotext, lora_tag, parse_lora_tags
+from studio.infotext import civitai_lora_name, format_infotext, lora_tag, parse_lora_tags
 from studio.models import BaseModel
 
 VERSION = "studio-0.1"
@@ -124,24 +124,39 @@ def _using_scheduler(pipeline, sampler: str):
 
 
 def _resolve_stack(stack: AdapterStack, base: BaseModel, loras: list[LoraRequest], resolver: Resolver | None):
-    """Make the stack hold exactly `loras` at their weights (adding from files / the library as needed)."""
-    wanted = {}
+    """Make the stack hold exactly `loras` at their weights (adding from files / the library as needed).
+
+    Adapters are identified by their resolved file, so two files with the same name (checkpoints of one run)
+    are two adapters; the second gets a numbered slot name."""
+    wanted: dict[Path, LoraRequest] = {}
     for request in loras:
         path = Path(request.name)
         if not (path.suffix == ".safetensors" and path.is_file()):
             if resolver is None:
                 raise ValueError(f"unknown adapter {request.name!r}: no adapter library to look it up in")
             path = resolver(request.name)
-        wanted[path.stem] = (path, request)
-    for name in list(stack.entries):
-        if name not in wanted:
+        wanted[path.resolve()] = request
+    slots = {entry.adapter.parsed.path.resolve(): name for name, entry in stack.entries.items()}
+    for path, name in slots.items():
+        if path not in wanted:
             stack.remove(name)
-    for name, (path, request) in wanted.items():
-        if name not in stack.entries:
-            stack.add(load_adapter(path, base), request.te_weight, request.unet, name=name)
+    for path, request in wanted.items():
+        name = slots.get(path)
+        if name is None:
+            stack.add(load_adapter(path, base), request.te_weight, request.unet, name=_free_slot(stack, path.stem))
         else:
             stack.set_weight(name, request.te_weight, request.unet)
             stack.set_enabled(name, True)
+
+
+def _free_slot(stack: AdapterStack, stem: str) -> str:
+    """`stem`, or `stem_2`, `stem_3`... whichever is not yet a slot in the stack."""
+    name = civitai_lora_name(stem)
+    candidate, number = name, 1
+    while candidate in stack.entries:
+        number += 1
+        candidate = f"{name}_{number}"
+    return candidate
 
 
 def generate(

@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from studio.tiny import build_tiny_pipeline
+
+# Tiny models gain nothing from threads, and two processes (the browser test's server and pytest) each
+# spinning two OpenMP threads on two cores slow each other down by orders of magnitude.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -184,3 +184,14 @@ def test_cli_generate_with_a_lora_matches_plain_diffusers_with_hand_merged_weigh
         generator=torch.Generator("cpu").manual_seed(11),
     ).images[0]
     assert np.abs(ours - np.asarray(theirs).astype(int)).max() <= 8
+
+
+def test_two_checkpoints_with_the_same_file_name_are_two_adapters(tiny_model_dir, tmp_path):
+    first = make_adapter(tiny_model_dir, tmp_path / "step-1" / "adapter.safetensors", seed=8)
+    second = make_adapter(tiny_model_dir, tmp_path / "step-2" / "adapter.safetensors", seed=9)
+    base = load_base(str(tiny_model_dir))
+    stack = AdapterStack(base)
+    request = _request(loras=[LoraRequest(str(first), 0.5), LoraRequest(str(second), 0.5)])
+    generate(base, request, stack=stack)
+    assert sorted(stack.entries) == ["adapter", "adapter_2"]
+    assert {e.adapter.parsed.path for e in stack.entries.values()} == {first, second}

@@ -411,13 +411,14 @@ class Trainer:
 
         accelerator.wait_for_everyone()
         output = Path(cfg.output)
+        final_samples: list[Path] = []
         if accelerator.is_main_process:
             tensors = kohya_state_dict(
                 family, accelerator.unwrap_model(unet), [accelerator.unwrap_model(te) for te in trained_tes]
             )
             metadata = self._metadata(base, report, plan, global_step, started, prediction_type)
             save_adapter(output, tensors, metadata, dtype=cfg.save_dtype)
-            self._samples(base, unet, trained_tes, output.with_name(output.stem + "_samples"))
+            final_samples = self._samples(base, unet, trained_tes, output.with_name(output.stem + "_samples"))
         seconds = time.time() - started
         self._emit(
             "done",
@@ -426,6 +427,7 @@ class Trainer:
             loss=losses[-1] if losses else None,
             message=f"wrote {output}",
             started=started,
+            samples=final_samples,
         )
         return TrainResult(
             output=output,
