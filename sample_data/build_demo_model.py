@@ -4,7 +4,7 @@
 
 Stages (each cached in sample_data/.build so a stage can be re-run alone with --from STAGE):
   data       pools of images: a broad procedural corpus for the autoencoder, plain shapes-world scenes for the UNet
-  vae        an AutoencoderKL (f=4, 4 latent channels) trained on the broad corpus
+  vae        an AutoencoderKL (f=4, 8 latent channels) trained on 32x32 crops of the broad corpus
   latents    the plain scenes encoded once (the UNet trains on cached latents)
   unet       a CLIPTextModel (with a real CLIPTokenizer over a small word vocabulary) and a UNet2DConditionModel
              trained together from scratch with classifier-free-guidance dropout, min-SNR weighting and EMA
@@ -139,9 +139,9 @@ VAE_CONFIG = dict(
     out_channels=3,
     down_block_types=["DownEncoderBlock2D"] * 3,
     up_block_types=["UpDecoderBlock2D"] * 3,
-    block_out_channels=[16, 32, 64],
+    block_out_channels=[32, 64, 64],
     layers_per_block=1,
-    latent_channels=4,
+    latent_channels=8,
     norm_num_groups=16,
     mid_block_add_attention=False,
     sample_size=64,
@@ -236,10 +236,10 @@ TEXT_CONFIG = dict(
 )
 UNET_CONFIG = dict(
     sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=[96, 192, 256],
+    in_channels=8,
+    out_channels=8,
+    layers_per_block=1,
+    block_out_channels=[64, 128, 192],
     down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     cross_attention_dim=128,
@@ -258,7 +258,7 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-def stage_unet(minutes: float, batch_size: int = 64, lr: float = 4e-4, cfg_dropout: float = 0.1) -> None:
+def stage_unet(minutes: float, batch_size: int = 48, lr: float = 4e-4, cfg_dropout: float = 0.1) -> None:
     """Train text encoder and UNet together on cached latents; keep an EMA of both."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -308,6 +308,8 @@ def stage_unet(minutes: float, batch_size: int = 64, lr: float = 4e-4, cfg_dropo
         index = torch.randint(0, len(params), (batch_size,), generator=generator)
         mean, logvar = params[index].chunk(2, dim=1)
         latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)) * scaling
+        flip = torch.rand(batch_size, generator=generator) < 0.5
+        latents = torch.where(flip[:, None, None, None], latents.flip(3), latents)
         batch_ids = ids[index].clone()
         drop = torch.rand(batch_size, generator=generator) < cfg_dropout
         batch_ids[drop] = empty

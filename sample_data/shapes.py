@@ -207,7 +207,7 @@ def texture_image(rng: random.Random) -> Image.Image:
         return tuple(rng.randrange(256) for _ in range(3))
 
     if kind == "noise":
-        scale = rng.choice([2, 4, 8, 16])
+        scale = rng.choice([4, 8, 16])
         small = np.array([[color() for _ in range(SIZE // scale)] for _ in range(SIZE // scale)], dtype=np.uint8)
         return Image.fromarray(small).resize(
             (SIZE, SIZE), rng.choice([Image.Resampling.NEAREST, Image.Resampling.BILINEAR])

@@ -151,6 +151,18 @@ class AdapterFile:
         return sorted(names)
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` of a .safetensors file, read from its header without loading any tensor."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(f"{path.name}: {path.suffix} files are Python pickles; only .safetensors are read")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for malformed headers
+        raise ValueError(f"{path.name} is not a readable .safetensors file: {exc}") from exc
+
+
 def read_adapter(path: str | Path) -> AdapterFile:
     """Read a .safetensors adapter without executing anything; refuse pickle-based formats."""
     path = Path(path)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from studio import compare
 from studio.adapters import read_adapter
 from studio.jobs import JobRunner, TrainingJob
 from studio.library import Workspace, safe_name, sanitize_filename
@@ -308,8 +309,8 @@ def test_compare_grid_over_weights_checkpoints_and_seeds(studio):
     )
     assert status.startswith("Saved a 4 x 2 grid"), status
     grid = Image.open(path)
-    cell = compare_tab.MIN_CELL
-    assert grid.size == (compare_tab.LABEL_WIDTH + 2 * cell, compare_tab.LABEL_HEIGHT + 4 * cell)
+    cell = compare.MIN_CELL
+    assert grid.size == (compare.LABEL_WIDTH + 2 * cell, compare.LABEL_HEIGHT + 4 * cell)
 
 
 def test_compare_reports_bad_input(studio):

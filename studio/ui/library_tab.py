@@ -9,10 +9,9 @@ from typing import Any
 
 import gradio as gr
 from PIL import Image
-from safetensors import safe_open
 
 from studio import atomic
-from studio.adapters import export_adapter, file_hashes, parse_adapter
+from studio.adapters import export_adapter, file_hashes, parse_adapter, read_metadata
 from studio.compose import match_adapter
 from studio.library import Workspace, safe_name, sanitize_filename
 from studio.merge import merge_adapters
@@ -21,16 +20,10 @@ from studio.ui.common import ModelCache, error_text, real_number, reports_errors
 CARD_HEADERS = ["adapter", "trigger", "base", "rank", "alpha", "steps", "images", "date", "AutoV3"]
 
 
-def header_metadata(path: Path) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file, read without loading its tensors."""
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
-
-
 def card(workspace: Workspace, name: str) -> dict[str, str]:
     """The facts an adapter card shows, from the file's header (no tensors are loaded)."""
     path = workspace.existing_adapter(name)
-    meta = header_metadata(path)
+    meta = read_metadata(path)
     started = meta.get("ss_training_finished_at") or meta.get("ss_training_started_at")
     date = meta.get("modelspec.date", "")[:10]
     if not date and started:
@@ -86,7 +79,7 @@ def details(workspace: Workspace, name: str) -> tuple[Any, str]:
     facts = card(workspace, name)
     path = workspace.existing_adapter(name)
     hashes = file_hashes(path)
-    meta = header_metadata(path)
+    meta = read_metadata(path)
     lines = [f"### {name}", ""]
     lines += [f"- **{key}**: {value}" for key, value in facts.items() if key != "adapter" and value]
     lines += [

@@ -1,4 +1,4 @@
-"""The training plan shown before a run: step arithmetic, exact trainable parameters, file size, rough time/memory."""
+"""Before a run: step arithmetic, exact trainable parameters and adapter size, rough time and memory."""
 
 from __future__ import annotations
 
