@@ -239,7 +239,7 @@ UNET_CONFIG = dict(
     in_channels=8,
     out_channels=8,
     layers_per_block=1,
-    block_out_channels=[64, 128, 192],
+    block_out_channels=[64, 96, 128],
     down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     cross_attention_dim=128,
@@ -258,7 +258,7 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-def stage_unet(minutes: float, batch_size: int = 48, lr: float = 4e-4, cfg_dropout: float = 0.1) -> None:
+def stage_unet(minutes: float, batch_size: int = 32, lr: float = 5e-4, cfg_dropout: float = 0.1) -> None:
     """Train text encoder and UNet together on cached latents; keep an EMA of both."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -276,7 +276,7 @@ def stage_unet(minutes: float, batch_size: int = 48, lr: float = 4e-4, cfg_dropo
         )
     )
     unet = UNet2DConditionModel(**UNET_CONFIG)
-    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
     vae_config = json.loads((BUILD / "vae" / "config.json").read_text())
     scaling = vae_config["scaling_factor"]
     params = torch.load(BUILD / "scene_latents.pt")
@@ -383,7 +383,7 @@ def main() -> None:
     parser.add_argument("--from", dest="start", choices=STAGES, default="data")
     parser.add_argument("--only", action="store_true", help="run just the --from stage")
     parser.add_argument("--vae-minutes", type=float, default=12)
-    parser.add_argument("--unet-minutes", type=float, default=40)
+    parser.add_argument("--unet-minutes", type=float, default=36)
     parser.add_argument("--vae-pool", type=int, default=3000)
     parser.add_argument("--scene-pool", type=int, default=12000)
     args = parser.parse_args()
