@@ -159,7 +159,9 @@ def test_the_whole_studio_in_a_browser(page, server, uploads, tmp_path):
     _fill(page, "#dataset-name", "inky")
     _fill(page, "#dataset-resolution", 64)
     page.locator("#dataset-files input[type=file]").set_input_files([*images, archive])
-    expect(page.locator("#dataset-files")).to_contain_text("more.zip")
+    for uploaded in [*images, archive]:  # under load the upload can lag behind: wait for every file
+        expect(page.locator("#dataset-files")).to_contain_text(Path(uploaded).stem, timeout=60_000)
+    expect(page.locator("#dataset-files")).not_to_contain_text("Uploading", timeout=60_000)
     page.locator("#dataset-add").click()
     _wait_text(page, "#dataset-status", "file(s) added")
     status = page.locator("#dataset-status").inner_text()

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from sample_data.evaluator import EVALUATOR_PATH, content_accuracy, load_content_evaluator, render_many
+from sample_data.evaluator import content_accuracy, load_content_evaluator, render_many
 from sample_data.shapes import COLORS, HELD_OUT_PAIRS, SHAPES, STYLES, render, scenes
 from studio.models import DEMO_MODEL_DIR
 
@@ -31,14 +31,12 @@ def test_style_sets_have_60_captioned_images_without_held_out_pairs(style):
         assert (words[1], words[2]) not in HELD_OUT_PAIRS
 
 
-@pytest.mark.skipif(not EVALUATOR_PATH.is_file(), reason="evaluator not built")
 def test_content_evaluator_is_right_on_ground_truth_renders():
     truth = [s for style in STYLES for s in scenes(31337, 100, style)]
     accuracy = content_accuracy(load_content_evaluator(), render_many(truth), truth)
     assert min(accuracy["color"], accuracy["shape"], accuracy["background"]) >= 0.98, accuracy
 
 
-@pytest.mark.skipif(not (DEMO_MODEL_DIR / "model_index.json").is_file(), reason="demo model not built")
 def test_demo_model_loads_offline_and_generates(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from studio.generate import GenerationRequest, generate
