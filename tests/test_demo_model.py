@@ -48,3 +48,33 @@ def test_demo_model_loads_offline_and_generates(monkeypatch):
     pixels = np.asarray(image.images[0])
     assert pixels.shape[:2] == (64, 64) and pixels.std() > 5
     assert os.path.getsize(DEMO_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors") < 30 * 2**20
+
+
+def test_a_short_training_run_on_a_style_set_raises_the_style_score(tmp_path):
+    from bench.style_learning import held_out_scenes, with_trigger
+    from sample_data.evaluate_demo import generate_scenes
+    from sample_data.evaluator import load_style_classifier
+    from studio.compose import AdapterStack, load_adapter
+    from studio.models import load_base
+    from training.config import TrainConfig
+    from training.trainer import train
+
+    classifier = load_style_classifier("ink")
+    prompts = with_trigger(held_out_scenes(8))
+    config = TrainConfig.from_preset(
+        "style",
+        base="demo",
+        data_dir=str(STYLE_DIR / "ink"),
+        trigger="sks",
+        output=str(tmp_path / "ink.safetensors"),
+        max_train_steps=200,
+        unet_lr=5e-4,
+        lr_warmup_steps=10,
+    )
+    result = train(config)
+    base = load_base("demo")
+    before = classifier.probability(generate_scenes(base, prompts, steps=10)).mean()
+    AdapterStack(base).add(load_adapter(result.output, base), 1.0)
+    after = classifier.probability(generate_scenes(base, prompts, steps=10)).mean()
+    # measured 0.0008 -> 0.03 with this first demo model; issue 4 tracks reaching 0.9 with the full preset
+    assert after > 10 * before and after > before + 0.01, (before, after)

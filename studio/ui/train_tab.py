@@ -11,8 +11,8 @@ import gradio as gr
 from studio.jobs import JobRunner, TrainingJob
 from studio.library import Workspace, safe_name
 from studio.ui.common import ModelCache, real_number, reports_errors, whole_number
-from training.estimate import describe_plan
 from training.config import PRESETS, TrainConfig
+from training.estimate import describe_plan
 
 # The tab's inputs, in the order handlers receive them.
 FIELDS = (
