@@ -77,7 +77,7 @@ def full_finetune(base, data_dir: Path, steps: int, batch_size: int, lr: float, 
     """Fine-tune every UNet weight on the style set (text encoder frozen); returns seconds."""
     report = scan_dataset(data_dir, TRIGGER, f"{TRIGGER} style")
     pipe = base.pipeline
-    size = base.unet.config.sample_size * pipe.vae_scale_factor
+    size = base.native_size
     with torch.no_grad():
         pixels = torch.stack(
             [image_to_tensor(open_image(i.path), (size, size), True, False, None) for i in report.items]

@@ -61,18 +61,13 @@ def kohya_state_dict(
     adapter_name: str = "default",
 ) -> dict[str, torch.Tensor]:
     """The adapter `adapter_name` of the UNet and text encoders as kohya tensors (down, up, alpha per module)."""
-    tensors: dict[str, torch.Tensor] = {}
-
-    def add(name: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> None:
-        tensors[f"{name}.lora_down.weight"] = down.float().clone().contiguous()
-        tensors[f"{name}.lora_up.weight"] = up.float().clone().contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-
+    modules: dict[str, LoraModule] = {}
     for path, (down, up, alpha) in _peft_modules(unet, adapter_name).items():
-        add(kohya_unet_name(family, path), down, up, alpha)
+        modules[kohya_unet_name(family, path)] = LoraModule(down.clone(), up.clone(), alpha)
     for index, text_encoder in enumerate(text_encoders):
         for path, (down, up, alpha) in _peft_modules(text_encoder, adapter_name).items():
-            add(kohya_te_name(family, index, path), down, up, alpha)
+            modules[kohya_te_name(family, index, path)] = LoraModule(down.clone(), up.clone(), alpha)
+    tensors = modules_to_tensors(modules)
     if not tensors:
         raise ValueError(f"no LoRA layers named {adapter_name!r} found in the model")
     return tensors

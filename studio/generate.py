@@ -178,8 +178,8 @@ def generate(
     _resolve_stack(stack, base, loras, resolver)
 
     pipe = base.pipeline
-    width = request.width or base.unet.config.sample_size * pipe.vae_scale_factor
-    height = request.height or base.unet.config.sample_size * pipe.vae_scale_factor
+    width = request.width or base.native_size
+    height = request.height or base.native_size
     seed = request.seed if request.seed >= 0 else random.randrange(2**32 - request.batch)
     seeds = [(seed + i) % 2**32 for i in range(request.batch)]
 

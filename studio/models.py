@@ -93,6 +93,11 @@ class BaseModel:
         return self.pipeline.unet
 
     @property
+    def native_size(self) -> int:
+        """The image size the model was trained at: UNet sample size times the VAE's downscale factor."""
+        return self.pipeline.unet.config.sample_size * self.pipeline.vae_scale_factor
+
+    @property
     def text_encoders(self) -> list:
         """The pipeline's text encoders, in the family's order."""
         return [getattr(self.pipeline, attr) for attr in self.family.text_encoder_attrs]

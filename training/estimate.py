@@ -116,7 +116,7 @@ def describe_plan(config: TrainConfig, base: BaseModel) -> str:
     trainer = Trainer(config, base=base)
     report = trainer.scan()
     plan = trainer.plan(report)
-    native = base.unet.config.sample_size * base.pipeline.vae_scale_factor
+    native = base.native_size
     resolution = config.resolution or native
     size = lora_size(base, config)
     device = "cuda" if torch.cuda.is_available() else "cpu"

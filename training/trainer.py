@@ -129,11 +129,6 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
     return clipped / (snr + 1.0) if v_pred else clipped / snr
 
 
-def native_resolution(base: BaseModel) -> int:
-    """The image size the base model was trained at (UNet sample size times the VAE's downscale factor)."""
-    return base.unet.config.sample_size * base.pipeline.vae_scale_factor
-
-
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder: `path` itself, or the newest one under `path`/checkpoints."""
     path = Path(path)
@@ -254,7 +249,7 @@ class Trainer:
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"base model prediction type {prediction_type!r} is not supported for training")
 
-        self.resolution = native_resolution(base) if cfg.resolution == 0 else cfg.resolution
+        self.resolution = cfg.resolution or base.native_size
         class_paths = self.ensure_class_images(base) if cfg.prior_preservation else []
         samples, sources = self._build_samples(report, class_paths, cfg.bucket_step or family.bucket_step)
         num_batches = len(batch_schedule(samples, cfg.batch_size, cfg.seed, 0))
@@ -319,9 +314,12 @@ class Trainer:
         alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
         accumulated = 0.0
 
+        schedule, schedule_epoch = [], -1
         while global_step < plan.total_steps:
             epoch, position = divmod(micro_step, num_batches)
-            batch = batch_schedule(samples, cfg.batch_size, cfg.seed, epoch)[position]
+            if schedule_epoch != epoch:  # one shuffle per epoch, not per step
+                schedule, schedule_epoch = batch_schedule(samples, cfg.batch_size, cfg.seed, epoch), epoch
+            batch = schedule[position]
             flips = [cfg.random_flip and sample_rng(cfg.seed, epoch, i).random() < 0.5 for i in batch]
             latents = (
                 self._latents(batch, flips, epoch, samples, sources, vae, latent_cache, noise_rng, device, weight_dtype)

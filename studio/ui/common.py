@@ -137,5 +137,5 @@ class ModelCache:
         base = self._base
         if base is None:
             return "No base model loaded yet (it loads on first use)."
-        size = base.unet.config.sample_size * base.pipeline.vae_scale_factor
+        size = base.native_size
         return f"Loaded: **{base.name}** - {base.family.label}, native size {size}x{size}"
