@@ -17,7 +17,16 @@ def main() -> int:
         parse_auth(args.auth)
     except ValueError as exc:
         parser.error(str(exc))
-    launch(host=args.host, port=args.port, workspace=args.workspace, base=args.base, auth=args.auth, share=args.share)
+    launch(
+        host=args.host,
+        port=args.port,
+        workspace=args.workspace,
+        base=args.base,
+        auth=args.auth,
+        share=args.share,
+        max_upload_mb=args.max_upload_mb,
+        queue_size=args.queue_size,
+    )
     return 0
 
 

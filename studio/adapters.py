@@ -415,10 +415,10 @@ def parse_adapter(path: str | Path) -> ParsedAdapter:
         if "down" not in found or "up" not in found:
             unknown += [f"{name} ({'down' if 'down' not in found else 'up'} matrix missing)"]
             continue
+        problem = _module_problem(found)
+        if problem:
+            raise ValueError(f"{Path(path).name} is not a LoRA adapter we can read: module {name} {problem}")
         down, up = found["down"], found["up"]
-        if down.shape[0] != up.shape[1] or not torch.isfinite(down).all() or not torch.isfinite(up).all():
-            unknown.append(f"{name} (inconsistent shapes {tuple(down.shape)} / {tuple(up.shape)} or NaN/Inf values)")
-            continue
         alpha = float(found["alpha"].item()) if "alpha" in found else float(down.shape[0])
         modules[name] = LoraModule(down=down, up=up, alpha=alpha)
     if not modules:
@@ -427,6 +427,27 @@ def parse_adapter(path: str | Path) -> ParsedAdapter:
     data_hash = _payload_hash(Path(path))
     fmt = "+".join(sorted(formats))
     return ParsedAdapter(Path(path), fmt, modules, unknown, adapter.metadata, _family_hint(modules), data_hash)
+
+
+def _module_problem(found: Mapping[str, torch.Tensor]) -> str | None:
+    """What is wrong with one module's down / up / alpha tensors (dtype, shape, NaN/Inf), or None."""
+    down, up = found["down"], found["up"]
+    for part, tensor in (("down", down), ("up", up)):
+        if not tensor.is_floating_point():
+            return f"has {part} weights of dtype {str(tensor.dtype).removeprefix('torch.')}; LoRA weights are floats"
+        if tensor.dim() not in (2, 4):
+            return f"has a {tensor.dim()}-dimensional {part} matrix {tuple(tensor.shape)} (expected 2 or 4 dimensions)"
+        if not torch.isfinite(tensor).all():
+            return f"has NaN or Inf values in its {part} matrix"
+    if up.dim() != down.dim() or down.shape[0] != up.shape[1] or (up.dim() == 4 and tuple(up.shape[2:]) != (1, 1)):
+        return f"has inconsistent shapes: down {tuple(down.shape)}, up {tuple(up.shape)}"
+    alpha = found.get("alpha")
+    if alpha is not None:
+        if alpha.numel() != 1 or alpha.dtype == torch.bool or alpha.is_complex():
+            return f"has an alpha that is not one number (shape {tuple(alpha.shape)}, dtype {alpha.dtype})"
+        if not torch.isfinite(alpha.float()).all():
+            return "has a NaN or Inf alpha"
+    return None
 
 
 def _payload_hash(path: Path) -> str:

@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +21,10 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; on success it replaces `target`, on error it is removed."""
+def atomic_path(target: str | Path, exclusive: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; on success it replaces `target`, on error it is removed.
+
+    With `exclusive`, an existing `target` is never replaced: FileExistsError is raised (even in a race)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -31,7 +34,10 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        if exclusive:
+            os.link(tmp, target)  # creating a name is atomic and fails if it exists
+        else:
+            os.replace(tmp, target)
         _fsync_dir(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
@@ -53,6 +59,9 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temporary directory beside `target`; on success it becomes `target` (replacing an old one)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    old = target.with_name(f".{target.name}.old")
+    if old.is_dir() and not target.exists():  # a crash between the two renames below: put the old copy back
+        os.replace(old, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
@@ -61,13 +70,45 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
                 with open(path, "rb+") as handle:
                     os.fsync(handle.fileno())
         if target.exists():
-            old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                os.replace(old, target)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
         _fsync_dir(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_temporary(path: Path) -> bool:
+    """True for the temporary files and folders `atomic_path` / `atomic_dir` write before renaming."""
+    return path.name.startswith(".") and (path.name.endswith(".tmp") or path.name.endswith(".old"))
+
+
+def remove_stale(folder: str | Path, older_than: float = 3600.0) -> list[Path]:
+    """Delete temporaries a killed process left under `folder` (untouched for `older_than` seconds); list them.
+
+    A folder's `.old` copy whose replacement never arrived (killed between the two renames) is put back instead."""
+    removed = []
+    now = time.time()
+    for path in sorted(Path(folder).rglob(".*"), reverse=True):
+        try:  # another process may be cleaning the same folder: a path that vanished meanwhile is fine
+            if not is_temporary(path) or now - path.lstat().st_mtime < older_than:
+                continue
+            original = path.with_name(path.name[1:-4])
+            if path.name.endswith(".old") and not original.exists():
+                os.replace(path, original)
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed

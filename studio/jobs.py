@@ -145,7 +145,14 @@ class TrainingJob:
         if event.samples:
             self._keep_samples(event.samples, f"step-{event.step:06d}")
         if event.phase != "training" or time.time() - self._last_save > SAVE_INTERVAL:
+            self._save_or_log()
+
+    def _save_or_log(self) -> None:
+        """Save job.json; a failed write (disk full) is logged, never allowed to stop the run or the worker."""
+        try:
             self.save()
+        except OSError as exc:
+            logger.error("could not save the state of job %s: %s", self.name, exc)
 
     def _keep_samples(self, paths: list[Path], label: str) -> None:
         """Copy sample images out of a checkpoint (old checkpoints are pruned) and remember them."""
@@ -154,17 +161,20 @@ class TrainingJob:
         for path in paths:
             target = folder / f"{label}_{Path(path).name}"
             if Path(path).is_file():
-                shutil.copyfile(path, target)
+                with atomic.atomic_path(target) as tmp:
+                    shutil.copyfile(path, tmp)
                 if str(target) not in self.samples:
                     self.samples.append(str(target))
 
     def _run(self, trainer_factory: Callable[..., Trainer]) -> None:
         self.status, self.error, self.finished = "running", "", None
         self._stop.clear()
-        self.save()
         try:
+            self.save()
             trainer = trainer_factory(self.config, progress=self.on_progress, should_stop=self._stop.is_set)
             resume_from = self.run_dir if self.resume and self.has_checkpoint() else None
+            if resume_from is not None:  # this job owns its run folder: whatever a crash left half-written goes
+                atomic.remove_stale(self.run_dir, older_than=0)
             result = trainer.run(resume_from=resume_from)
             final = result.output.with_name(result.output.stem + "_samples")
             if final.is_dir():
@@ -172,15 +182,17 @@ class TrainingJob:
             self.status, self.step = "done", result.steps
         except TrainingCancelled as exc:
             self.status, self.error = "cancelled", str(exc)
-        except (ValueError, OSError) as exc:
+        except ValueError as exc:
             self.status, self.error = "failed", str(exc)
+        except OSError as exc:
+            self.status, self.error = "failed", f"could not read or write a file: {exc}"
         except Exception as exc:  # the worker must report, never die silently
             logger.exception("training job %s failed", self.name)
             self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
         finally:
             self.finished = time.time()
             self.resume = False
-            self.save()
+            self._save_or_log()
             self._done.set()
 
 
@@ -195,6 +207,8 @@ class JobRunner:
         self.jobs: dict[str, TrainingJob] = {}
         self._worker: threading.Thread | None = None
         if workspace is not None:
+            for stale in atomic.remove_stale(workspace.runs_dir):
+                logger.info("removed %s, left half-written by a process that was killed", stale)
             for path in sorted(workspace.runs_dir.glob(f"*/{JOB_FILE}")):
                 try:
                     job = TrainingJob.load(path.parent)

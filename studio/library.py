@@ -8,7 +8,9 @@ import json
 import re
 import shutil
 import stat
+import unicodedata
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -18,7 +20,11 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_SUFFIX = ".txt"
 MAX_IMPORT_BYTES = 2 * 1024**3  # cap on the uncompressed size of one upload (zip bombs)
+MAX_FILE_BYTES = 256 * 1024**2  # cap on one image (a 64-megapixel 16-bit TIFF still fits)
 MAX_ZIP_ENTRIES = 20_000
+MAX_ZIP_RATIO = 200  # uncompressed / compressed size of one zip entry; images barely compress, bombs do
+ZIP_RATIO_FLOOR = 1024**2  # entries smaller than this may compress as well as they like
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar")
 DATASET_SETTINGS = "dataset.json"
 PREVIEW_SUFFIX = ".preview.png"
 
@@ -34,14 +40,24 @@ def safe_name(name: str) -> str:
 
 
 def sanitize_filename(name: str, default: str = "file") -> str:
-    """A safe file name made from an uploaded one: no folders, only letters, digits, _ . - (suffix kept)."""
+    """A safe file name made from an uploaded one: no folders, only letters, digits, _ . - (suffix kept).
+
+    Accents are dropped ("café" -> "cafe"); when letters with no ASCII form are lost ("猫"), a short hash of the
+    original stem is appended, so different names stay different and an image and its caption still pair up."""
     base = PurePosixPath(str(name).replace("\\", "/")).name
     stem, dot, suffix = base.rpartition(".")
     if not dot:
         stem, suffix = base, ""
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_.-")[:56] or default
+    decomposed = unicodedata.normalize("NFKD", stem)
+    plain = "".join(c for c in decomposed if not unicodedata.combining(c))
+    lossy = any(ord(c) > 127 for c in plain)
+    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "_", plain.encode("ascii", "ignore").decode()).strip("_.-")[:56]
+    if lossy:
+        tag = hashlib.sha256(stem.encode("utf-8")).hexdigest()[:8]
+        cleaned = f"{cleaned[:47]}_{tag}" if cleaned else f"{default}_{tag}"
     suffix = re.sub(r"[^A-Za-z0-9]+", "", suffix)[:8].lower()
-    return safe_name(f"{stem}.{suffix}" if suffix else stem)
+    cleaned = cleaned or default
+    return safe_name(f"{cleaned}.{suffix}" if suffix else cleaned)
 
 
 @dataclass
@@ -160,21 +176,29 @@ class Workspace:
         return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
     def import_files(self, name: str, files: list[str | Path]) -> ImportReport:
-        """Copy uploaded images and the images inside uploaded zips into dataset `name` (created if needed)."""
+        """Copy uploaded images and the images inside uploaded zips into dataset `name` (created if needed).
+
+        Nothing is written outside the dataset folder: names are sanitised, zip entries with absolute paths,
+        '..' or links are refused, and sizes are capped (per file, per upload, and by zip compression ratio)."""
         folder = self.dataset_dir(name)
         folder.mkdir(parents=True, exist_ok=True)
-        report = ImportReport()
-        seen = _content_hashes(folder)
+        batch = _ImportBatch(folder)
+        loose = []
         for file in files:
             path = Path(file)
-            if path.suffix.lower() == ".zip":
-                report.merge(_import_zip(path, folder, seen))
-            elif path.suffix.lower() in IMAGE_SUFFIXES + (CAPTION_SUFFIX,):
-                with open(path, "rb") as handle:
-                    _add_file(path.name, handle, folder, seen, report, MAX_IMPORT_BYTES)
+            suffix = path.suffix.lower()
+            if suffix == ".zip":
+                _import_zip(path, batch)
+            elif suffix in IMAGE_SUFFIXES + (CAPTION_SUFFIX,):
+                loose.append(path)
+            elif suffix in ARCHIVE_SUFFIXES:
+                batch.report.skipped.append((path.name, f"{suffix} archives are not unpacked; upload a .zip"))
             else:
-                report.skipped.append((path.name, f"not an image or a .zip ({path.suffix or 'no suffix'})"))
-        return report
+                batch.report.skipped.append((path.name, f"not an image or a .zip ({path.suffix or 'no suffix'})"))
+        for path in _images_first(loose, key=lambda p: p.name):
+            with open(path, "rb") as handle:
+                batch.add(path.name, path.name, handle)
+        return batch.report
 
     def import_folder(self, name: str, source: str | Path) -> ImportReport:
         """Copy the images (and .txt captions) of a folder on the server into dataset `name`."""
@@ -273,8 +297,16 @@ def _content_hashes(folder: Path) -> dict[str, str]:
     hashes = {}
     for path in folder.iterdir():
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            hashes[hashlib.sha256(path.read_bytes()).hexdigest()] = path.name
+            hashes[_file_sha256(path)] = path.name
     return hashes
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _unique(folder: Path, file_name: str) -> Path:
@@ -287,32 +319,85 @@ def _unique(folder: Path, file_name: str) -> Path:
     return target
 
 
-def _add_file(original: str, handle, folder: Path, seen: dict[str, str], report: ImportReport, limit: int) -> int:
-    """Copy at most `limit` bytes from `handle` into `folder` under a sanitised name; return bytes written."""
-    try:
-        file_name = sanitize_filename(original)
-    except ValueError:
-        report.skipped.append((original, "file name cannot be made safe"))
-        return 0
-    data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"upload is larger than the {MAX_IMPORT_BYTES // 1024**2} MiB limit")
-    if not data:
-        report.skipped.append((original, "empty file (0 bytes)"))
-        return 0
-    is_caption = file_name.lower().endswith(CAPTION_SUFFIX)
-    if is_caption:
-        target = folder / file_name  # a caption replaces the old one for the same image
-    else:
-        digest = hashlib.sha256(data).hexdigest()
-        if digest in seen:
-            report.skipped.append((original, f"duplicate of {seen[digest]}"))
-            return len(data)
-        target = _unique(folder, file_name)
-        seen[digest] = target.name
-    atomic.write_bytes(target, data)
-    report.added.append(target.name)
-    return len(data)
+def _images_first(entries: list, key) -> list:
+    """Images before captions (otherwise in the given order), so each caption can follow its image's final name."""
+    return sorted(entries, key=lambda e: key(e).lower().endswith(CAPTION_SUFFIX))
+
+
+class _Refused(Exception):
+    """Raised inside an atomic write to abandon the file; the message is the reason shown to the user."""
+
+
+class _ImportBatch:
+    """One upload into one dataset folder: byte budget, content hashes, and where each image's caption goes."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.report = ImportReport()
+        self.seen = _content_hashes(folder)
+        self.budget = MAX_IMPORT_BYTES
+        self.caption_stems: dict[str, str | None] = {}  # image path without suffix -> stem of its caption (None: drop)
+        self.new: set[str] = set()
+
+    def add(self, original: str, display: str, handle) -> None:
+        """Copy one file (an image or a .txt caption) from `handle` into the folder under a sanitised name."""
+        key = str(PurePosixPath(original.replace("\\", "/")).with_suffix(""))
+        try:
+            file_name = sanitize_filename(original)
+        except ValueError:
+            self.report.skipped.append((display, "file name cannot be made safe"))
+            return
+        is_caption = file_name.lower().endswith(CAPTION_SUFFIX)
+        if is_caption:
+            stem = self.caption_stems.get(key, PurePosixPath(file_name).stem)
+            if stem is None:
+                self.report.skipped.append((display, "caption of an image that was not added"))
+                return
+            target = self.folder / f"{stem}{CAPTION_SUFFIX}"  # a caption replaces the old one for the same image
+        else:
+            target = _unique(self.folder, file_name)
+        limit = min(MAX_FILE_BYTES, self.budget)
+        digest, size, duplicate = hashlib.sha256(), 0, None
+        try:
+            with atomic.atomic_path(target, exclusive=not is_caption) as tmp, open(tmp, "wb") as out:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    size += len(chunk)
+                    if size > limit:
+                        raise _Refused(f"larger than the {_mib(MAX_FILE_BYTES)} limit for one file")
+                    digest.update(chunk)
+                    out.write(chunk)
+                if size == 0:
+                    raise _Refused("empty file (0 bytes)")
+                duplicate = None if is_caption else self.seen.get(digest.hexdigest())
+                if duplicate is not None:
+                    raise _Refused(f"duplicate of {duplicate}")
+        except FileExistsError:  # another upload took this name while we were copying: never overwrite it
+            self.budget -= size
+            self.report.skipped.append((display, f"{target.name} was added by another upload meanwhile; try again"))
+            self.caption_stems[key] = None
+            return
+        except _Refused as refused:
+            self.budget -= size
+            if size > limit and limit < MAX_FILE_BYTES:
+                raise ValueError(
+                    f"upload is larger than the {_mib(MAX_IMPORT_BYTES)} limit "
+                    f"(stopped at {display}; the files before it were added)"
+                ) from None
+            self.report.skipped.append((display, str(refused)))
+            if not is_caption:  # a re-uploaded image's caption updates the copy already in the dataset
+                keep = duplicate is not None and duplicate not in self.new
+                self.caption_stems[key] = PurePosixPath(duplicate).stem if keep else None
+            return
+        self.budget -= size
+        if not is_caption:
+            self.seen[digest.hexdigest()] = target.name
+            self.caption_stems[key] = target.stem
+            self.new.add(target.name)
+        self.report.added.append(target.name)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1024**2:g} MiB"
 
 
 def _unsafe_zip_entry(info: zipfile.ZipInfo) -> str | None:
@@ -328,19 +413,19 @@ def _unsafe_zip_entry(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
-def _import_zip(path: Path, folder: Path, seen: dict[str, str]) -> ImportReport:
-    report = ImportReport()
+def _import_zip(path: Path, batch: _ImportBatch) -> None:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise ValueError(f"{path.name} is not a valid zip file ({exc})") from None
+    report = batch.report
     with archive:
         entries = [i for i in archive.infolist() if not i.is_dir()]
         if len(entries) > MAX_ZIP_ENTRIES:
             raise ValueError(f"{path.name} holds {len(entries)} files; the limit is {MAX_ZIP_ENTRIES}")
-        if sum(i.file_size for i in entries) > MAX_IMPORT_BYTES:
-            raise ValueError(f"{path.name} unpacks to more than the {MAX_IMPORT_BYTES // 1024**2} MiB limit")
-        budget = MAX_IMPORT_BYTES
+        if sum(i.file_size for i in entries) > batch.budget:
+            raise ValueError(f"{path.name} unpacks to more than the {_mib(MAX_IMPORT_BYTES)} limit")
+        wanted = []
         for info in entries:
             base = PurePosixPath(info.filename.replace("\\", "/")).name
             if base.startswith(".") or "__MACOSX" in info.filename:
@@ -350,12 +435,22 @@ def _import_zip(path: Path, folder: Path, seen: dict[str, str]) -> ImportReport:
                 report.skipped.append((info.filename, f"refused: {problem}"))
                 continue
             suffix = PurePosixPath(base).suffix.lower()
+            if suffix in ARCHIVE_SUFFIXES:
+                report.skipped.append((info.filename, "an archive inside the archive is not unpacked"))
+                continue
             if suffix not in IMAGE_SUFFIXES + (CAPTION_SUFFIX,):
                 report.skipped.append((info.filename, f"not an image ({suffix or 'no suffix'})"))
                 continue
+            if info.file_size > ZIP_RATIO_FLOOR and info.file_size > MAX_ZIP_RATIO * max(1, info.compress_size):
+                ratio = info.file_size // max(1, info.compress_size)
+                report.skipped.append(
+                    (info.filename, f"refused: compressed {ratio}:1, over the {MAX_ZIP_RATIO}:1 limit (zip bomb)")
+                )
+                continue
+            wanted.append(info)
+        for info in _images_first(wanted, key=lambda i: i.filename):
             try:
                 with archive.open(info) as handle:
-                    budget -= _add_file(base, handle, folder, seen, report, budget)
-            except (zipfile.BadZipFile, OSError, RuntimeError) as exc:
+                    batch.add(info.filename, info.filename, handle)
+            except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, zlib.error) as exc:
                 report.skipped.append((info.filename, f"cannot be read from the zip ({exc})"))
-    return report

@@ -101,3 +101,22 @@ def hand_merge(pipeline, adapters) -> int:
                     module.weight += delta.reshape(module.weight.shape)
                     merged += 1
     return merged
+
+
+def snapshot_tree(root, exclude=None) -> dict[str, str]:
+    """Every file and link under `root` (except under `exclude`) -> SHA-256 of its bytes (or its link target)."""
+    import hashlib
+
+    root = Path(root)
+    exclude = Path(exclude).resolve() if exclude is not None else None
+    found = {}
+    for path in sorted(root.rglob("*")):
+        if exclude is not None and (path.resolve() == exclude or exclude in path.resolve().parents):
+            continue
+        if path.is_symlink():
+            found[str(path.relative_to(root))] = f"link -> {path.readlink()}"
+        elif path.is_file():
+            found[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+        elif path.is_dir():
+            found[str(path.relative_to(root)) + "/"] = "dir"
+    return found

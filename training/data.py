@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import warnings
@@ -16,6 +17,8 @@ SIDECAR_SUFFIXES = (".txt", ".caption", ".json", ".toml", ".npz")
 MIN_IMAGE_SIDE = 64
 MAX_IMAGE_PIXELS = 64_000_000  # larger headers are treated as decompression bombs, never decoded
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+NEAR_DUPLICATE_BITS = 6  # difference-hash bits (of 64) two images may differ by and still count as near-duplicates
+NEAR_DUPLICATE_COLOR = 12.0  # and the mean colour difference (0-255) of their 8x8 thumbnails
 
 
 @dataclass(frozen=True)
@@ -38,17 +41,23 @@ class SkippedFile:
 
 @dataclass
 class DatasetReport:
-    """The validation report of a data folder: what is kept and what is skipped, with reasons."""
+    """The validation report of a data folder: what is kept, what is skipped (with reasons), and notes on kept files."""
 
     root: Path
     items: list[DatasetItem] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)
+    notes: list[SkippedFile] = field(default_factory=list)  # kept files worth a look (near-duplicates)
 
     def summary(self) -> str:
-        """A human-readable report, one line per skipped file."""
+        """A human-readable report, one line per skipped file and per note."""
         lines = [f"{len(self.items)} image(s) kept, {len(self.skipped)} file(s) skipped in {self.root}"]
         lines += [f"  skipped {s.path.name}: {s.reason}" for s in self.skipped]
+        lines += [f"  note {n.path.name}: {n.reason}" for n in self.notes]
         return "\n".join(lines)
+
+    def notes_for(self, path: Path) -> list[str]:
+        """The notes about one kept file."""
+        return [n.reason for n in self.notes if n.path == path]
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """kohya-style {folder: {tag: count}} over the comma-separated caption tags."""
@@ -60,6 +69,10 @@ class DatasetReport:
         return {self.root.name: counts}
 
 
+class _TooLarge(ValueError):
+    """An image over the pixel limit (its header was read, its pixels were not)."""
+
+
 def open_image(path: Path) -> Image.Image:
     """Open an image fully decoded and upright; raise ValueError with a readable reason if it is unusable."""
     try:
@@ -67,24 +80,32 @@ def open_image(path: Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise ValueError(
-                        f"image is {image.width}x{image.height}, over the {MAX_IMAGE_PIXELS:,}-pixel limit"
+                    raise _TooLarge(
+                        f"image is {image.width}x{image.height}, over the {MAX_IMAGE_PIXELS:,}-pixel limit "
+                        "(possible decompression bomb; not decoded)"
                     )
                 image.seek(0)  # first frame of animations
                 image.load()
                 upright = ImageOps.exif_transpose(image)
                 return _to_rgb(upright)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ValueError(f"image header claims an unsafe size ({exc})") from None
+        raise ValueError(
+            f"image header claims an unsafe size (possible decompression bomb; not decoded): {exc}"
+        ) from None
     except UnidentifiedImageError:
         raise ValueError("not an image PIL can read (corrupt or unsupported format)") from None
-    except (OSError, SyntaxError) as exc:
-        raise ValueError(f"unreadable image: {exc}") from None
+    except _TooLarge:
+        raise
+    except Exception as exc:  # decoders raise OSError, SyntaxError, struct.error... on damaged files
+        raise ValueError(f"unreadable image: {exc or type(exc).__name__}") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         image = image.point(lambda v: v / 256).convert("L")
+    if image.mode == "F":  # float images: 0..1 (or 0..255 when larger values are present)
+        peak = image.getextrema()[1]
+        image = image.point(lambda v: v * 255 if peak <= 1.0 else v).convert("L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -107,12 +128,40 @@ def caption_for(image_path: Path, trigger: str, default_caption: str) -> str:
     return caption
 
 
+def difference_hash(image: Image.Image) -> int:
+    """64-bit difference hash: is each pixel of a 9x8 greyscale thumbnail brighter than its right neighbour."""
+    small = image.convert("L").resize((9, 8), Image.Resampling.BILINEAR)
+    pixels = list(small.getdata())
+    bits = 0
+    for row in range(8):
+        for col in range(8):
+            bits = (bits << 1) | (pixels[row * 9 + col] > pixels[row * 9 + col + 1])
+    return bits
+
+
+def _color_thumbnail(image: Image.Image) -> bytes:
+    return image.convert("RGB").resize((8, 8), Image.Resampling.BOX).tobytes()
+
+
+def near_duplicate(a: tuple[int, bytes], b: tuple[int, bytes]) -> int | None:
+    """Hash distance of two (difference hash, colour thumbnail) fingerprints if they look alike, else None."""
+    distance = bin(a[0] ^ b[0]).count("1")
+    if distance > NEAR_DUPLICATE_BITS:
+        return None
+    color = sum(abs(x - y) for x, y in zip(a[1], b[1], strict=True)) / len(a[1])
+    return distance if color <= NEAR_DUPLICATE_COLOR else None
+
+
 def scan_dataset(data_dir: str | Path, trigger: str, default_caption: str) -> DatasetReport:
-    """Validate every file in `data_dir`: usable images become items, the rest are listed with a reason."""
+    """Validate every file in `data_dir`: usable images become items, the rest are listed with a reason.
+
+    Exact duplicates (same bytes) are skipped; near-duplicates (resized, re-encoded) are kept with a note."""
     root = Path(data_dir)
     if not root.is_dir():
         raise ValueError(f"data folder not found: {root}")
     report = DatasetReport(root=root)
+    digests: dict[str, Path] = {}
+    fingerprints: list[tuple[Path, tuple[int, bytes]]] = []
     for path in sorted(root.iterdir()):
         if path.name.startswith(".") or path.is_dir():
             continue
@@ -120,7 +169,9 @@ def scan_dataset(data_dir: str | Path, trigger: str, default_caption: str) -> Da
         if suffix in SIDECAR_SUFFIXES:
             continue
         if suffix not in IMAGE_SUFFIXES:
-            report.skipped.append(SkippedFile(path, f"unsupported file type {suffix or '(none)'}"))
+            accepted = ", ".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
+            reason = f"unsupported file type {suffix or '(none)'} (accepted: {accepted})"
+            report.skipped.append(SkippedFile(path, reason))
             continue
         if path.stat().st_size == 0:
             report.skipped.append(SkippedFile(path, "empty file (0 bytes)"))
@@ -135,6 +186,20 @@ def scan_dataset(data_dir: str | Path, trigger: str, default_caption: str) -> Da
                 SkippedFile(path, f"too small ({image.width}x{image.height}; at least {MIN_IMAGE_SIDE} px a side)")
             )
             continue
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest in digests:
+            report.skipped.append(SkippedFile(path, f"exact duplicate of {digests[digest].name}"))
+            continue
+        digests[digest] = path
+        fingerprint = (difference_hash(image), _color_thumbnail(image))
+        for other, other_print in fingerprints:
+            distance = near_duplicate(fingerprint, other_print)
+            if distance is not None:
+                report.notes.append(
+                    SkippedFile(path, f"near-duplicate of {other.name} (difference hash {distance}/64 bits apart)")
+                )
+                break
+        fingerprints.append((path, fingerprint))
         report.items.append(DatasetItem(path, caption_for(path, trigger, default_caption), *image.size))
     return report
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import gradio as gr
 
 from studio.jobs import JobRunner
@@ -11,6 +13,10 @@ from studio.ui import compare_tab, dataset_tab, generate_tab, library_tab, train
 from studio.ui.common import ModelCache, error_text
 
 CSS = "#train-progress progress { height: 18px; } .train-error { color: #b00020; }"
+MAX_UPLOAD_MB = 2048  # one uploaded file (a dataset zip is at most 2 GiB unpacked too)
+QUEUE_SIZE = 32  # requests waiting for a worker; more are refused with "queue is full"
+CONCURRENCY = 2  # requests handled at once per event (generations also share one pipeline lock)
+USER_TEMP_DIR = os.environ.get("GRADIO_TEMP_DIR")  # where the user asked gradio to keep uploads, if anywhere
 
 
 def describe_base(spec: str) -> str:
@@ -99,16 +105,35 @@ def launch(
     base: str = "demo",
     auth: str | None = None,
     share: bool = False,
-) -> None:
-    """Serve the UI (localhost only and no public link unless asked)."""
+    max_upload_mb: int = MAX_UPLOAD_MB,
+    queue_size: int = QUEUE_SIZE,
+    *,
+    block: bool = True,
+    runner: JobRunner | None = None,
+    models: ModelCache | None = None,
+) -> gr.Blocks:
+    """Serve the UI (localhost only and no public link unless asked); with `block=False` return the running app.
+
+    Files are served only from the workspace, uploads are capped at `max_upload_mb`, and at most `queue_size`
+    requests wait (more get a "queue is full" error). Uploads land in the workspace's .cache/gradio (unless
+    GRADIO_TEMP_DIR is set) and run history stays off, so nothing is kept outside the workspace."""
+    if max_upload_mb < 1 or queue_size < 1:
+        raise ValueError(f"upload limit and queue size must be at least 1, got {max_upload_mb} MB and {queue_size}")
     ws = Workspace(workspace)
-    app = build_app(ws, base)
-    app.queue(max_size=32, default_concurrency_limit=2).launch(
+    # gradio keeps uploads and copies of shown files in its own folder: keep that inside the workspace too
+    os.environ["GRADIO_TEMP_DIR"] = USER_TEMP_DIR or str(ws.root / ".cache" / "gradio")
+    app = build_app(ws, base, runner=runner, models=models)
+    app.queue(max_size=queue_size, default_concurrency_limit=CONCURRENCY).launch(
         server_name=host,
         server_port=port,
         auth=parse_auth(auth),
         share=share,
         allowed_paths=[str(ws.root)],
+        max_file_size=max_upload_mb * 1024**2,
+        run_history=False,
         show_error=False,
         css=CSS,
+        prevent_thread_lock=not block,
+        quiet=not block,
     )
+    return app

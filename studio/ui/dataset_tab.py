@@ -7,6 +7,7 @@ import statistics
 
 import gradio as gr
 
+from studio import atomic
 from studio.library import Workspace, safe_name
 from studio.models import SD1
 from studio.ui.common import reports_errors, uploaded_paths, whole_number
@@ -35,12 +36,14 @@ def buckets_for(resolution: int) -> list[tuple[int, int]]:
 
 
 def report_rows(report: DatasetReport, resolution: int) -> list[list[str]]:
-    """One row per file: kept (with size and bucket) or skipped (with the reason)."""
+    """One row per file: kept (with size, bucket and any note such as a near-duplicate) or skipped (with the reason)."""
     buckets = buckets_for(resolution)
     rows = []
     for item in report.items:
         bucket = assign_bucket(item.width, item.height, buckets)
-        rows.append([item.path.name, "kept", f"{item.width}x{item.height} -> bucket {bucket[0]}x{bucket[1]}"])
+        size = f"{item.width}x{item.height} -> bucket {bucket[0]}x{bucket[1]}"
+        details = "; ".join([size, *report.notes_for(item.path)])
+        rows.append([item.path.name, "kept", details])
     rows += [[s.path.name, "skipped", s.reason] for s in report.skipped]
     return sorted(rows)
 
@@ -59,7 +62,8 @@ def thumbnails(report: DatasetReport, resolution: int) -> list[tuple[str, str]]:
             scaled, (left, top) = crop_box(image.size, bucket, True, random.Random(0))
             crop = image.resize(scaled).crop((left, top, left + bucket[0], top + bucket[1]))
             crop.thumbnail((THUMB_SIDE, THUMB_SIDE))
-            crop.save(target)
+            with atomic.atomic_path(target) as tmp:
+                crop.save(tmp, format="PNG")
         cut = "no crop" if (item.width, item.height) == bucket else f"cropped to {bucket[0]}x{bucket[1]}"
         out.append((str(target), f"{item.path.name}: {item.width}x{item.height}, {cut}"))
     return out
@@ -69,6 +73,12 @@ def statistics_text(report: DatasetReport, resolution: int) -> str:
     """Dataset statistics as Markdown: counts, sizes, buckets, captions, most frequent tags."""
     items = report.items
     lines = [f"**{len(items)} image(s) kept, {len(report.skipped)} file(s) skipped**"]
+    duplicates = [s for s in report.skipped if s.reason.startswith("exact duplicate")]
+    if duplicates or report.notes:
+        lines.append(
+            f"{len(duplicates)} exact duplicate(s) skipped, {len(report.notes)} near-duplicate(s) kept: "
+            + ", ".join(f"`{n.path.name}` ({n.reason})" for n in report.notes)
+        )
     if not items:
         return "\n\n".join(lines + ["Upload images to see statistics."])
     widths = [i.width for i in items]

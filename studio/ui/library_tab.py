@@ -60,7 +60,8 @@ def _placeholder(workspace: Workspace) -> Path:
     path = workspace.root / ".cache" / "no_preview.png"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (128, 128), (200, 200, 200)).save(path)
+        with atomic.atomic_path(path) as tmp:
+            Image.new("RGB", (128, 128), (200, 200, 200)).save(tmp, format="PNG")
     return path
 
 
@@ -114,8 +115,11 @@ def import_adapter(models: ModelCache, workspace: Workspace, base: str, files: A
         if "matches nothing" in str(exc) or "is a LoRA for" in str(exc):
             raise
         unmatched, checked = list(parsed.unknown_keys), f"not checked against a base model ({exc})"
-    with atomic.atomic_path(target) as tmp:
-        shutil.copyfile(source, tmp)
+    try:
+        with atomic.atomic_path(target, exclusive=True) as tmp:  # a simultaneous import of the same name loses
+            shutil.copyfile(source, tmp)
+    except FileExistsError:
+        raise ValueError(f"an adapter named {target_name!r} already exists; give another name") from None
     lines = [f"Imported **{target_name}** ({parsed.format} format, {len(parsed.modules)} modules); {checked}."]
     if unmatched:
         lines.append(f"**{len(unmatched)} key(s) not used** (they would do nothing):")
