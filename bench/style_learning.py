@@ -31,7 +31,7 @@ from sample_data.evaluator import content_accuracy, load_content_evaluator, load
 from sample_data.shapes import COLORS, HELD_OUT_PAIRS, Scene, random_scene  # noqa: E402
 from studio.compose import AdapterStack, load_adapter  # noqa: E402
 from studio.models import load_base  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
+from training.config import PRESETS, TrainConfig  # noqa: E402
 from training.data import image_to_tensor, open_image, scan_dataset  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
 
@@ -121,8 +121,13 @@ def main() -> None:
     parser.add_argument("--style", default="ink")
     parser.add_argument("--prompts", type=int, default=40)
     parser.add_argument("--no-full", action="store_true", help="skip the full fine-tuning reference")
+    parser.add_argument("--rank", type=int, help="override the preset's LoRA rank (alpha keeps the preset's ratio)")
+    parser.add_argument("--lr", type=float, help="override the preset's UNet learning rate")
+    parser.add_argument("--steps", type=int, help="override the preset's step count")
+    parser.add_argument("--full-lr", type=float, default=1e-4, help="learning rate of the full fine-tuning reference")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     data_dir = ROOT / "sample_data" / "styles" / args.style
     evaluator = load_content_evaluator()
     started = time.time()
@@ -139,6 +144,15 @@ def main() -> None:
     result["base"] = score(base, plain, evaluator, classifier)
     result["base_with_trigger"] = score(base, triggered, evaluator, classifier)
 
+    overrides = {}
+    if args.rank:
+        preset = PRESETS["style"]
+        overrides.update(rank=args.rank, alpha=args.rank * preset["alpha"] / preset["rank"])
+    if args.lr:
+        overrides["unet_lr"] = args.lr
+    if args.steps:
+        overrides["max_train_steps"] = args.steps
+    result["overrides"] = overrides
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig.from_preset(
             "style",
@@ -146,6 +160,7 @@ def main() -> None:
             data_dir=str(data_dir),
             trigger=TRIGGER,
             output=str(Path(tmp) / f"{args.style}.safetensors"),
+            **overrides,
         )
         trainer = Trainer(config)
         train_started = time.time()
@@ -174,12 +189,15 @@ def main() -> None:
 
     if not args.no_full:
         full = load_base("demo")
-        full_seconds = full_finetune(full, data_dir, trained.steps, config.batch_size, lr=2e-5, seed=config.seed)
+        full_seconds = full_finetune(
+            full, data_dir, trained.steps, config.batch_size, lr=args.full_lr, seed=config.seed
+        )
         full_prompts = triggered
         result["full_finetune"] = {
             **score(full, full_prompts, evaluator, classifier),
             "trainable_parameters": sum(p.numel() for p in full.unet.parameters()),
             "train_seconds": round(full_seconds, 1),
+            "lr": args.full_lr,
             "checkpoint_bytes_fp16": 2 * sum(p.numel() for p in full.unet.parameters()),
         }
         result["lora_vs_full"] = {

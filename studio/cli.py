@@ -69,6 +69,12 @@ def _train_parser(sub) -> None:
     p.add_argument("--work-dir", help="where checkpoints and samples go (default: beside --out)")
     p.add_argument("--resume", help="resume from a checkpoint folder or a run folder")
     p.add_argument("--save-config", help="write the effective config to this TOML file and exit")
+    p.add_argument(
+        "--estimate-for",
+        default="auto",
+        help="device of the time and memory estimate printed before training: auto, cpu, cpu:GiB, gpu:GiB",
+    )
+    p.add_argument("--plan", action="store_true", help="print the plan and the estimate, then exit")
 
 
 def build_train_config(args: argparse.Namespace):
@@ -94,16 +100,22 @@ def build_train_config(args: argparse.Namespace):
 def _run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from training.trainer import Trainer, TrainingCancelled
+    from training.trainer import Trainer, TrainingCancelled, end_distributed, launched_rank
 
     config = build_train_config(args)
+    main_process = launched_rank() == 0  # under torchrun / accelerate launch only rank 0 prints and writes
     if args.save_config:
-        config.save(args.save_config)
-        print(f"wrote {args.save_config}")
+        if main_process:
+            config.save(args.save_config)
+            print(f"wrote {args.save_config}")
         return 0
     missing = [flag for flag, value in (("--data", config.data_dir), ("--out", config.output)) if not value]
     if missing:
         raise ValueError(f"missing {' and '.join(missing)}")
+    if main_process:
+        _print_estimate(config, args.estimate_for)
+    if args.plan:
+        return 0
     bar = None
 
     def on_progress(event) -> None:
@@ -120,17 +132,35 @@ def _run_train(args: argparse.Namespace) -> int:
 
     trainer = Trainer(config, progress=on_progress)
     report = trainer.scan()
-    print(report.summary())
+    if main_process:
+        print(report.summary())
     try:
         result = trainer.run(resume_from=args.resume)
     except (KeyboardInterrupt, TrainingCancelled):
-        print(f"\nstopped; resume with --resume {trainer.work_dir}", file=sys.stderr)
+        if main_process:
+            print(f"\nstopped; resume with --resume {trainer.work_dir}", file=sys.stderr)
         return 130
     finally:
         if bar is not None:
             bar.close()
-    print(f"wrote {result.output} ({result.steps} steps, final loss {result.losses[-1]:.4f}, {result.seconds:.0f}s)")
+        end_distributed()
+    if main_process:
+        loss = result.losses[-1]
+        print(f"wrote {result.output} ({result.steps} steps, final loss {loss:.4f}, {result.seconds:.0f}s)")
     return 0
+
+
+def _print_estimate(config, device: str) -> None:
+    """Print the plan with its time and memory estimate (and memory-saving modes if it will not fit)."""
+    from training.estimate import Device, describe_plan, weightless_base
+
+    chosen = Device.parse(device)
+    try:
+        base = weightless_base(config.base)
+    except ValueError as exc:
+        print(f"(no estimate: {exc})")
+        return
+    print(describe_plan(config, base, chosen).replace("**", ""))
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -166,16 +196,15 @@ def parse_weighted(spec: str, default: float = 1.0) -> tuple[str, float, float |
     return name, weight, numbers[1] if len(numbers) > 1 else None
 
 
-def _run_generate(args: argparse.Namespace) -> int:
-    from studio.generate import GenerationRequest, LoraRequest, generate
-    from studio.library import Workspace
-    from studio.models import load_base
+def build_generate_request(args: argparse.Namespace):
+    """The GenerationRequest described by parsed `studio generate` arguments."""
+    from studio.generate import GenerationRequest, LoraRequest
 
     loras = []
     for spec in args.lora or []:
         path, weight, unet_weight = parse_weighted(spec)
         loras.append(LoraRequest(path, weight, unet_weight))
-    request = GenerationRequest(
+    return GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative,
         seed=args.seed,
@@ -187,9 +216,20 @@ def _run_generate(args: argparse.Namespace) -> int:
         batch=args.batch,
         loras=loras,
         fuse=args.fuse,
+        vae_slicing=args.vae_slicing,
+        vae_tiling=args.vae_tiling,
+        cpu_offload=args.cpu_offload,
     )
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from studio.generate import generate
+    from studio.library import Workspace
+    from studio.models import load_base
+
+    request = build_generate_request(args)
     library = Workspace(args.workspace) if args.workspace else None
-    extra = {Path(lora.name).stem: Path(lora.name) for lora in loras}
+    extra = {Path(lora.name).stem: Path(lora.name) for lora in request.loras}
 
     def resolve(name: str) -> Path:
         if name in extra:
@@ -200,6 +240,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     base = load_base(args.base)
     result = generate(base, request, resolver=resolve, out_dir=args.out)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     for path in result.paths:
         print(f"wrote {path}")
     return 0
@@ -251,7 +293,16 @@ def _run_merge(args: argparse.Namespace) -> int:
 def _run_ui(args: argparse.Namespace) -> int:
     from studio.ui.app import launch
 
-    launch(host=args.host, port=args.port, workspace=args.workspace, base=args.base, auth=args.auth, share=args.share)
+    launch(
+        host=args.host,
+        port=args.port,
+        workspace=args.workspace,
+        base=args.base,
+        auth=args.auth,
+        share=args.share,
+        max_upload_mb=args.max_upload_mb,
+        queue_size=args.queue_size,
+    )
     return 0
 
 
@@ -263,6 +314,8 @@ def add_ui_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default="demo", help="base model to start with")
     parser.add_argument("--auth", help="USER:PASS required for every page and API call")
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
+    parser.add_argument("--max-upload-mb", type=int, default=2048, help="largest file one upload may send")
+    parser.add_argument("--queue-size", type=int, default=32, help="requests that may wait; more are refused")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge the adapters into the weights for the run (restored exactly after)",
     )
     g.add_argument("--workspace", default=None, help="adapter library for <lora:name> tags (its adapters/ folder)")
+    memory = g.add_argument_group("memory-saving modes (for 8-12 GB GPUs)")
+    memory.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
+    memory.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles")
+    memory.add_argument(
+        "--cpu-offload", action="store_true", help="keep each model on the CPU until it runs (needs a GPU)"
+    )
     g.add_argument("--out", required=True, help="folder for the PNGs")
     i = sub.add_parser("inspect", help="show an adapter file's format, family, ranks, metadata and hashes")
     i.add_argument("file")
@@ -330,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # bad input, a missing file, a full disk: a message, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -105,12 +105,13 @@ def load_adapter(path: str | Path, base: BaseModel) -> MatchedAdapter:
 
 @dataclass
 class StackEntry:
-    """One adapter in a stack: its weights per component and whether it is on."""
+    """One adapter in a stack: its weights per component, whether it is on, and whether PEFT layers hold it."""
 
     adapter: MatchedAdapter
     te_weight: float = 1.0
     unet_weight: float = 1.0
     enabled: bool = True
+    installed: bool = True
 
     @property
     def active(self) -> bool:
@@ -119,47 +120,80 @@ class StackEntry:
 
 
 @dataclass
+class _Fusion:
+    """Merged weights for one stack state: per adapted module, (its weight parameter, the merged tensor, the base
+    tensor it stands in for, that tensor's in-place version counter when merged)."""
+
+    key: tuple
+    components: tuple[nn.Module, ...]  # the pipeline's UNet and text encoders when merged
+    swaps: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, int]]
+
+
+@dataclass
 class AdapterStack:
-    """Adapters installed on a base model's pipeline as PEFT layers, reweighted cheaply, fused exactly on demand."""
+    """Adapters installed on a base model's pipeline as PEFT layers, reweighted cheaply, fused exactly on demand.
+
+    An adapter added with `install=False` stays data until an unfused run needs PEFT layers (`ensure_installed`);
+    a fused run never does, which makes switching stacks cheap. Fused weights are cached while the stack is unchanged.
+    """
 
     base: BaseModel
     entries: dict[str, StackEntry] = field(default_factory=dict)
+    _fusion: _Fusion | None = field(default=None, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------- membership
     def add(
-        self, adapter: MatchedAdapter, weight: float = 1.0, unet_weight: float | None = None, name: str | None = None
+        self,
+        adapter: MatchedAdapter,
+        weight: float = 1.0,
+        unet_weight: float | None = None,
+        name: str | None = None,
+        *,
+        install: bool = True,
     ) -> str:
-        """Install `adapter` under `name` (default: its file stem) with text-encoder `weight` and UNet weight."""
+        """Add `adapter` under `name` (default: its file stem) with text-encoder `weight` and UNet weight.
+
+        `install=False` defers the PEFT layers until an unfused run asks for them (see `ensure_installed`)."""
         slot = civitai_lora_name(name or adapter.name)
         if slot in self.entries:
             raise ValueError(f"an adapter named {slot!r} is already in the stack")
         _check_weight(weight)
         _check_weight(unet_weight)
-        self._install(slot, adapter)
-        self.entries[slot] = StackEntry(adapter, weight, weight if unet_weight is None else unet_weight)
-        self._activate()
+        if install:
+            self._install(slot, adapter)
+        self.entries[slot] = StackEntry(
+            adapter, weight, weight if unet_weight is None else unet_weight, installed=install
+        )
+        if install:
+            self._activate()
         return slot
+
+    def ensure_installed(self) -> None:
+        """Give every deferred adapter its PEFT layers, so the pipeline computes the stack without fusing."""
+        pending = [(name, entry) for name, entry in self.entries.items() if not entry.installed]
+        for name, entry in pending:
+            self._install(name, entry.adapter)
+            entry.installed = True
+        if pending:
+            self._activate()
 
     def remove(self, name: str) -> None:
         """Take an adapter out of the stack and off the pipeline."""
-        self._entry(name)
-        for model in self._models():
-            _delete_adapter(model, name)
+        entry = self._entry(name)
+        if entry.installed:
+            for model in self._models():
+                _delete_adapter(model, name)
         del self.entries[name]
-        self._activate()
+        self._fusion = None
+        if entry.installed:
+            self._activate()
 
     def clear(self) -> None:
         """Remove every adapter and the PEFT wrappers: the pipeline is exactly the base model as loaded."""
-        from diffusers.utils.peft_utils import recurse_remove_peft_layers
-
         for name in list(self.entries):
             self.remove(name)
         for model in self._models():
-            recurse_remove_peft_layers(model)
-            if hasattr(model, "peft_config"):
-                del model.peft_config
-            if getattr(model, "_hf_peft_config_loaded", False):
-                model._hf_peft_config_loaded = False
+            _strip_peft(model)
 
     # ------------------------------------------------------------- weights
     def set_weight(self, name: str, weight: float, unet_weight: float | None = None) -> None:
@@ -167,13 +201,21 @@ class AdapterStack:
         entry = self._entry(name)
         _check_weight(weight)
         _check_weight(unet_weight)
-        entry.te_weight, entry.unet_weight = weight, weight if unet_weight is None else unet_weight
-        self._activate()
+        unet_weight = weight if unet_weight is None else unet_weight
+        if (entry.te_weight, entry.unet_weight) == (weight, unet_weight):
+            return
+        entry.te_weight, entry.unet_weight = weight, unet_weight
+        if entry.installed:
+            self._activate()
 
     def set_enabled(self, name: str, enabled: bool) -> None:
         """Switch an adapter on or off without unloading it."""
-        self._entry(name).enabled = enabled
-        self._activate()
+        entry = self._entry(name)
+        if entry.enabled == enabled:
+            return
+        entry.enabled = enabled
+        if entry.installed:
+            self._activate()
 
     def active(self) -> list[tuple[str, StackEntry]]:
         """The adapters that currently change the output, in stack order."""
@@ -182,32 +224,68 @@ class AdapterStack:
     # ------------------------------------------------------------- fusing
     @contextlib.contextmanager
     def fused(self) -> Iterator[None]:
-        """Merge the active stack into the base weights for speed; restore the exact original weights after."""
-        deltas: dict[tuple[str, str], torch.Tensor] = {}
-        for _, entry in self.active():
-            for (component, path), lora in entry.adapter.patches.items():
-                weight = entry.unet_weight if component == "unet" else entry.te_weight
-                if weight == 0:
-                    continue
-                delta = lora.delta() * weight
-                deltas[(component, path)] = deltas.get((component, path), 0) + delta
-        originals: dict[tuple[str, str], torch.Tensor] = {}
+        """Run with the active stack merged into the base weights; the exact original tensors are back after.
+
+        The merged weights are computed once per stack state and kept while the stack is unchanged, so a repeated
+        run only swaps tensors in and out; the base tensors themselves are never written to."""
+        swaps = self._fuse()
+        peft = any(entry.installed for entry in self.entries.values())
         try:
             with torch.no_grad():
-                for (component, path), delta in deltas.items():
-                    layer = self._base_layer(component, path)
-                    originals[(component, path)] = layer.weight.detach().clone()
-                    merged = layer.weight.float() + delta.reshape(layer.weight.shape).to(layer.weight.device)
-                    if not torch.isfinite(merged).all():
-                        raise ValueError(f"fusing the stack gives NaN/Inf weights in {component}.{path}")
-                    layer.weight.copy_(merged.to(layer.weight.dtype))
-            self._set_lora_enabled(False)
+                for param, merged, _, _ in swaps:
+                    param.data = merged
+            if peft:
+                self._set_lora_enabled(False)
             yield
         finally:
             with torch.no_grad():
-                for (component, path), original in originals.items():
-                    self._base_layer(component, path).weight.copy_(original)
-            self._activate()
+                for param, _, original, _ in swaps:
+                    param.data = original
+            if peft:
+                self._activate()
+
+    def _fuse(self) -> list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, int]]:
+        """The cached merged weights of the active stack, rebuilt if the stack or the base tensors changed."""
+        key = tuple((name, id(entry.adapter), entry.te_weight, entry.unet_weight) for name, entry in self.active())
+        if not self._fusion_valid(key):
+            self._fusion = None  # free the old merged weights before making new ones
+            swaps = [
+                (self._base_layer(c, p).weight, merged, original, original._version)
+                for (c, p), (merged, original) in self._merge().items()
+            ]
+            self._fusion = _Fusion(key, tuple(self._models()), swaps)
+        return self._fusion.swaps
+
+    def _fusion_valid(self, key: tuple) -> bool:
+        fusion = self._fusion
+        if fusion is None or fusion.key != key or fusion.components != tuple(self._models()):
+            return False
+        # the pipeline may have been moved or edited since: the cache stands only for the very same, unchanged tensors
+        return all(
+            param.data_ptr() == original.data_ptr() and original._version == version
+            for param, _, original, version in fusion.swaps
+        )
+
+    def _merge(self) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+        """Base weight + sum of weight * (alpha / r) * up @ down over the active stack, per adapted module."""
+        merged: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        with torch.no_grad():
+            for _, entry in self.active():
+                for (component, path), lora in entry.adapter.patches.items():
+                    weight = entry.unet_weight if component == "unet" else entry.te_weight
+                    if weight == 0:
+                        continue
+                    if (component, path) not in merged:
+                        original = self._base_layer(component, path).weight.detach()
+                        merged[(component, path)] = (original.to(torch.float32, copy=True), original)
+                    total = merged[(component, path)][0]
+                    up, down = lora.up.flatten(1).to(total), lora.down.flatten(1).to(total)
+                    total.view(total.shape[0], -1).addmm_(up, down, alpha=lora.scale * weight)
+            for (component, path), (total, original) in merged.items():
+                if not torch.isfinite(total).all():
+                    raise ValueError(f"fusing the stack gives NaN/Inf weights in {component}.{path}")
+                merged[(component, path)] = (total.to(original.dtype), original)
+        return merged
 
     # ------------------------------------------------------------- internals
     def _entry(self, name: str) -> StackEntry:
@@ -264,6 +342,8 @@ class AdapterStack:
         except Exception:
             for model in installed:
                 _delete_adapter(model, slot)
+                if not getattr(model, "peft_config", None):  # nothing else installed: leave no empty wrappers
+                    _strip_peft(model)
             self._activate()
             raise
 
@@ -271,7 +351,7 @@ class AdapterStack:
     def _check_scaling(model: nn.Module, slot: str, modules: dict[str, LoraModule]) -> None:
         for path, lora in modules.items():
             layer = model.get_submodule(path)
-            if abs(layer.scaling[slot] - lora.scale) > 1e-6 * max(1.0, lora.scale):
+            if not abs(layer.scaling[slot] - lora.scale) <= 1e-6 * max(1.0, abs(lora.scale)):  # NaN fails too
                 raise ValueError(f"PEFT scaled {path} by {layer.scaling[slot]}, expected alpha/r = {lora.scale}")
 
     def _set_lora_enabled(self, enabled: bool) -> None:
@@ -304,6 +384,17 @@ class AdapterStack:
                 # set_adapter marks adapters trainable; a generation stack has nothing to train
                 for param in module.parameters():
                     param.requires_grad_(False)
+
+
+def _strip_peft(model: nn.Module) -> None:
+    """Remove every PEFT wrapper and config from `model`, leaving its original modules."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    recurse_remove_peft_layers(model)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    if getattr(model, "_hf_peft_config_loaded", False):
+        model._hf_peft_config_loaded = False
 
 
 def _delete_adapter(model: nn.Module, name: str) -> None:

@@ -38,6 +38,9 @@ SAMPLERS: dict[str, tuple[str | None, dict, str | None]] = {
 }
 
 
+MEMORY_MODES = ("vae_slicing", "vae_tiling", "cpu_offload")
+
+
 class GenerationCancelled(Exception):
     """Raised when the caller cancelled a generation; nothing was saved."""
 
@@ -71,10 +74,17 @@ class GenerationRequest:
     batch: int = 1
     loras: list[LoraRequest] = field(default_factory=list)
     fuse: bool = True
+    # memory-saving modes for 8-12 GB GPUs (diffusers' VAE slicing / tiling and model CPU offload)
+    vae_slicing: bool = False  # decode a batch one image at a time
+    vae_tiling: bool = False  # decode large images in overlapping tiles
+    cpu_offload: bool = False  # keep each model on the CPU until it runs (needs a GPU)
 
     def __post_init__(self):
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ValueError("prompt is empty")
+        for name in MEMORY_MODES:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int) or self.seed < -1 or self.seed >= 2**32:
             raise ValueError(f"seed must be -1 (random) or an integer in [0, 2^32), got {self.seed!r}")
         if not isinstance(self.steps, int) or not 1 <= self.steps <= 150:
@@ -99,6 +109,7 @@ class GenerationResult:
     seeds: list[int]
     infotexts: list[str]
     paths: list[Path]
+    notes: list[str] = field(default_factory=list)  # things the user should know, e.g. a mode that did nothing
 
 
 Resolver = Callable[[str], Path]
@@ -123,30 +134,78 @@ def _using_scheduler(pipeline, sampler: str):
         pipeline.scheduler = original
 
 
-def _resolve_stack(stack: AdapterStack, base: BaseModel, loras: list[LoraRequest], resolver: Resolver | None):
+@contextlib.contextmanager
+def memory_modes(pipeline, *, vae_slicing: bool, vae_tiling: bool, cpu_offload: bool):
+    """Turn on the requested memory-saving modes for one run and restore the pipeline after; yields notes.
+
+    CPU offload (diffusers' `enable_model_cpu_offload`) moves each model to the GPU only while it runs; on a
+    machine without one it does nothing, and says so in the notes."""
+    from diffusers.utils.torch_utils import get_device
+
+    vae, notes = pipeline.vae, []
+    saved = {name: getattr(vae, name) for name in ("use_slicing", "use_tiling") if hasattr(vae, name)}
+    home = pipeline.device
+    offload_to = home if home.type != "cpu" else torch.device(get_device())
+    offloaded = False
+    try:
+        for wanted, mode in ((vae_slicing, "slicing"), (vae_tiling, "tiling")):
+            if wanted and f"use_{mode}" in saved and hasattr(vae, f"enable_{mode}"):
+                getattr(vae, f"enable_{mode}")()
+            elif wanted:
+                notes.append(f"VAE {mode} is not available for {type(vae).__name__}; decoded in one piece")
+        if cpu_offload and offload_to.type == "cpu":
+            notes.append("CPU offload did nothing: there is no GPU, so the models already run on the CPU")
+        elif cpu_offload:
+            offloaded = True
+            pipeline.enable_model_cpu_offload(device=offload_to)
+        yield notes
+    finally:
+        if offloaded:
+            pipeline.remove_all_hooks()
+            pipeline.to(home)
+        for name, value in saved.items():
+            setattr(vae, name, value)
+
+
+def _resolve_stack(
+    stack: AdapterStack,
+    base: BaseModel,
+    loras: list[LoraRequest],
+    resolver: Resolver | None,
+    files: int | None = None,
+    install: bool = True,
+):
     """Make the stack hold exactly `loras` at their weights (adding from files / the library as needed).
 
     Adapters are identified by their resolved file, so two files with the same name (checkpoints of one run)
-    are two adapters; the second gets a numbered slot name."""
+    are two adapters; the second gets a numbered slot name. Only the first `files` requests (the explicit ones,
+    not prompt tags) may name a file when there is a resolver, so typed text cannot read outside the library.
+    New files are read and matched before the stack changes: a bad file leaves the pipeline as it was.
+    `install=False` keeps new adapters as data (no PEFT layers), which is all a fused run needs."""
     wanted: dict[Path, LoraRequest] = {}
-    for request in loras:
+    for index, request in enumerate(loras):
         path = Path(request.name)
-        if not (path.suffix == ".safetensors" and path.is_file()):
+        may_be_file = resolver is None or files is None or index < files
+        if not (may_be_file and path.suffix == ".safetensors" and path.is_file()):
             if resolver is None:
                 raise ValueError(f"unknown adapter {request.name!r}: no adapter library to look it up in")
             path = resolver(request.name)
         wanted[path.resolve()] = request
     slots = {entry.adapter.parsed.path.resolve(): name for name, entry in stack.entries.items()}
+    loaded = {path: load_adapter(path, base) for path in wanted if path not in slots}
     for path, name in slots.items():
         if path not in wanted:
             stack.remove(name)
     for path, request in wanted.items():
         name = slots.get(path)
         if name is None:
-            stack.add(load_adapter(path, base), request.te_weight, request.unet, name=_free_slot(stack, path.stem))
+            slot = _free_slot(stack, path.stem)
+            stack.add(loaded[path], request.te_weight, request.unet, name=slot, install=install)
         else:
             stack.set_weight(name, request.te_weight, request.unet)
             stack.set_enabled(name, True)
+    if install:
+        stack.ensure_installed()
 
 
 def _free_slot(stack: AdapterStack, stem: str) -> str:
@@ -175,7 +234,8 @@ def generate(
         raise ValueError("prompt is empty once the <lora:...> tags are taken out")
     loras = list(request.loras) + [LoraRequest(t.name, t.te_weight, t.unet_weight) for t in tags]
     stack = stack if stack is not None else AdapterStack(base)
-    _resolve_stack(stack, base, loras, resolver)
+    # a fused run merges the adapters into the weights (cached while the stack is unchanged): no PEFT layers needed
+    _resolve_stack(stack, base, loras, resolver, files=len(request.loras), install=not request.fuse)
 
     pipe = base.pipeline
     width = request.width or base.native_size
@@ -191,7 +251,10 @@ def generate(
         return callback_kwargs
 
     fuse = stack.fused() if request.fuse and stack.active() else contextlib.nullcontext()
-    with _using_scheduler(pipe, request.sampler), fuse:
+    memory = memory_modes(
+        pipe, vae_slicing=request.vae_slicing, vae_tiling=request.vae_tiling, cpu_offload=request.cpu_offload
+    )
+    with _using_scheduler(pipe, request.sampler), fuse, memory as notes:
         output = pipe(
             prompt_text,
             negative_prompt=request.negative_prompt or None,
@@ -209,7 +272,7 @@ def generate(
 
     infotexts = [_infotext(base, request, stack, prompt_text, s, width, height) for s in seeds]
     paths = _save(output.images, infotexts, seeds, out_dir) if out_dir is not None else []
-    return GenerationResult(images=list(output.images), seeds=seeds, infotexts=infotexts, paths=paths)
+    return GenerationResult(images=list(output.images), seeds=seeds, infotexts=infotexts, paths=paths, notes=notes)
 
 
 def _infotext(

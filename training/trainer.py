@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import logging
 import math
+import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -80,14 +84,16 @@ class TrainPlan:
     total_steps: int
     epochs: int
     images_seen: int
+    processes: int = 1  # data-parallel processes; each step's batch is split across them
 
     def describe(self) -> str:
         """One readable paragraph of the plan."""
         extra = f" + {self.num_class_images} class images" if self.num_class_images else ""
+        spread = f", each batch split over {self.processes} processes" if self.processes > 1 else ""
         return (
             f"{self.num_images} images{extra} x {self.repeats} repeat(s) -> {self.batches_per_epoch} batches/epoch, "
             f"{self.steps_per_epoch} optimizer steps/epoch; {self.total_steps} steps over {self.epochs} epoch(s), "
-            f"{self.images_seen} images seen"
+            f"{self.images_seen} images seen{spread}"
         )
 
 
@@ -111,10 +117,10 @@ ProgressCallback = Callable[[TrainProgress], None]
 
 
 def resolve_mixed_precision(choice: str, device: torch.device) -> str:
-    """Turn "auto" into bf16 / fp16 on CUDA and "no" (fp32) on CPU."""
+    """Turn "auto" into bf16 / fp16 on CUDA and "no" (fp32) on CPU; fp16 needs CUDA, bf16 also runs on CPUs."""
     if choice != "auto":
-        if choice != "no" and device.type != "cuda":
-            raise ValueError(f"mixed_precision {choice!r} needs a CUDA GPU; use 'no' or 'auto' on {device.type}")
+        if choice == "fp16" and device.type != "cuda":
+            raise ValueError(f"mixed_precision 'fp16' needs a CUDA GPU; use 'bf16', 'no' or 'auto' on {device.type}")
         return choice
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -140,8 +146,54 @@ def find_checkpoint(path: str | Path) -> Path:
     return candidates[-1].parent
 
 
+def launched_rank() -> int:
+    """This process's rank as set by torchrun, `accelerate launch` or mpirun (0 when not launched distributed)."""
+    from accelerate.utils import get_int_from_env
+
+    return get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0)
+
+
+def make_accelerator(mixed_precision: str):
+    """The Accelerator of this process: DDP over NCCL on GPUs, or over gloo on CPUs when launched with N processes."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, get_int_from_env
+
+    world = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+    if world == 1:
+        from accelerate.state import AcceleratorState
+
+        # accelerate keeps one state per process and refuses a second run's different mixed precision; a single
+        # process (the UI's worker) trains run after run, so each starts afresh (as accelerate's own tests do)
+        AcceleratorState._reset_state(reset_partial_state=True)
+    # accelerate only goes data-parallel on CPUs when told to (cpu=True); without it each process trains alone
+    cpu = world > 1 and not torch.cuda.is_available()
+    # rank 0 alone renders class images and samples while the others wait at a barrier: give it hours, not minutes
+    init = InitProcessGroupKwargs(timeout=timedelta(hours=3))
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=[init])
+
+
+def end_distributed() -> None:
+    """Tear down the process group a distributed run set up (a no-op in a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def shard_rows(count: int, rank: int, world: int) -> tuple[list[int], bool]:
+    """The rows of a `count`-sample global batch that process `rank` of `world` trains on, and whether they count.
+
+    Rows are contiguous and near-equal. A process left without rows (a short last batch) gets row 0 at loss
+    weight 0 (False), so that every process still runs the forward and backward passes DDP synchronises."""
+    start, stop = count * rank // world, count * (rank + 1) // world
+    return (list(range(start, stop)), True) if stop > start else ([0], False)
+
+
 class Trainer:
     """Runs one training config end to end: data, class images, LoRA, loop, checkpoints, samples, export."""
+
+    # Speed switches, on by default; bench/train_speed.py turns each one off to measure its share.
+    use_sdpa: bool = True
+    foreach_optimizer: bool = True
+    keep_freed_memory: bool = True
 
     def __init__(
         self,
@@ -160,6 +212,9 @@ class Trainer:
         self._progress = progress or (lambda event: None)
         self._should_stop = should_stop or (lambda: False)
         self.work_dir = config.resolved_work_dir
+        # under torchrun / accelerate launch only rank 0 reports progress and writes files
+        self.is_main_process = launched_rank() == 0
+        self.num_processes = 1
 
     # ----------------------------------------------------------------- planning
     def scan(self) -> DatasetReport:
@@ -176,7 +231,7 @@ class Trainer:
         instances = len(report.items) * cfg.repeats
         class_count = instances if cfg.prior_preservation else 0
         if num_batches is None:  # without buckets assigned, assume every batch is full
-            num_batches = math.ceil((instances + class_count) / cfg.batch_size)
+            num_batches = math.ceil((instances + class_count) / (cfg.batch_size * self.num_processes))
         steps_per_epoch = max(1, math.ceil(num_batches / cfg.gradient_accumulation_steps))
         total = cfg.max_train_steps or cfg.epochs * steps_per_epoch
         epochs = math.ceil(total / steps_per_epoch)
@@ -188,7 +243,8 @@ class Trainer:
             steps_per_epoch=steps_per_epoch,
             total_steps=total,
             epochs=epochs,
-            images_seen=total * cfg.batch_size * cfg.gradient_accumulation_steps,
+            images_seen=total * cfg.batch_size * cfg.gradient_accumulation_steps * self.num_processes,
+            processes=self.num_processes,
         )
 
     # ----------------------------------------------------------------- class images
@@ -223,17 +279,23 @@ class Trainer:
     # ----------------------------------------------------------------- the run
     def run(self, resume_from: str | Path | None = None) -> TrainResult:
         """Train, checkpoint and export; resume from a checkpoint folder (or a run folder) if given."""
-        from accelerate import Accelerator
+        with keep_freed_memory(self.keep_freed_memory):
+            return self._run(resume_from)
+
+    def _run(self, resume_from: str | Path | None) -> TrainResult:
         from accelerate.utils import set_seed
 
         cfg = self.config
         started = time.time()
         report = self.scan()
-        resume_state = self._load_resume_state(resume_from) if resume_from else None
 
         probe_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         precision = resolve_mixed_precision(cfg.mixed_precision, probe_device)
-        accelerator = Accelerator(mixed_precision=precision)
+        accelerator = make_accelerator(precision)
+        self.is_main_process, self.num_processes = accelerator.is_main_process, accelerator.num_processes
+        rank, world = accelerator.process_index, accelerator.num_processes
+        with accelerator.main_process_first():  # rank 0 tidies half-written checkpoints before the others look
+            resume_state = self._load_resume_state(resume_from) if resume_from else None
         device = accelerator.device
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         set_seed(cfg.seed)
@@ -250,9 +312,14 @@ class Trainer:
             raise ValueError(f"base model prediction type {prediction_type!r} is not supported for training")
 
         self.resolution = cfg.resolution or base.native_size
-        class_paths = self.ensure_class_images(base) if cfg.prior_preservation else []
+        class_paths = []
+        if cfg.prior_preservation:
+            with accelerator.main_process_first():  # rank 0 renders them; the others then find them on disk
+                class_paths = self.ensure_class_images(base)
         samples, sources = self._build_samples(report, class_paths, cfg.bucket_step or family.bucket_step)
-        num_batches = len(batch_schedule(samples, cfg.batch_size, cfg.seed, 0))
+        # each step trains on one global batch of batch_size x processes, split across the processes
+        global_batch = cfg.batch_size * world
+        num_batches = len(batch_schedule(samples, global_batch, cfg.seed, 0))
         plan = self.plan(report, num_batches)
         self._emit("planned", total_steps=plan.total_steps, message=plan.describe())
 
@@ -261,7 +328,11 @@ class Trainer:
         tokenizers = base.tokenizers
         vae.requires_grad_(False)
         trained_tes = text_encoders if cfg.train_text_encoder else []
-        module_counts = inject_lora(unet, trained_tes, cfg.lora_spec)
+        with torch.random.fork_rng(devices=[]):
+            # the LoRA init draws from torch's global RNG: seed it here so nothing else in the process
+            # (a UI thread building layers, a generation) can change the starting weights
+            torch.manual_seed(cfg.seed)
+            module_counts = inject_lora(unet, trained_tes, cfg.lora_spec)
         for te in text_encoders:
             if te not in trained_tes:
                 te.requires_grad_(False)
@@ -269,6 +340,7 @@ class Trainer:
             for param in lora_parameters(model):
                 param.data = param.data.float()  # LoRA in fp32 over a half-precision base
         trainable, total = count_parameters([unet, *text_encoders])
+        set_attention(unet, sdpa=self.use_sdpa)
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             for te in trained_tes:
@@ -284,13 +356,21 @@ class Trainer:
             num_training_steps=plan.total_steps,
         )
         unet, optimizer = accelerator.prepare(unet, optimizer)
-        trained_tes = [accelerator.prepare(te) for te in trained_tes]
+        wrapped = {id(te): accelerator.prepare(te) for te in trained_tes}
+        trained_tes = list(wrapped.values())
+        # trained text encoders run through their DDP wrappers, or their gradients are not averaged across processes
+        text_encoders = [wrapped.get(id(te), te) for te in text_encoders]
 
         noise_rng = torch.Generator("cpu").manual_seed(cfg.seed)
         global_step, micro_step, losses = 0, 0, []
         if resume_state is not None:
             global_step, micro_step, losses = self._restore(
-                resume_state, unet, trained_tes, optimizer, lr_scheduler, noise_rng
+                resume_state,
+                accelerator.unwrap_model(unet),
+                [accelerator.unwrap_model(te) for te in trained_tes],
+                optimizer,
+                lr_scheduler,
+                noise_rng,
             )
             self._emit(
                 "resumed", step=global_step, total_steps=plan.total_steps, message=f"resumed at step {global_step}"
@@ -304,6 +384,8 @@ class Trainer:
         latent_cache: dict[tuple[int, bool], torch.Tensor] | None = (
             {} if cfg.cache_latents and cfg.center_crop else None
         )
+        if latent_cache is not None:
+            self._fill_latent_cache(samples, sources, vae, latent_cache, device, weight_dtype)
 
         unet.train()
         for te in trained_tes:
@@ -318,13 +400,17 @@ class Trainer:
         while global_step < plan.total_steps:
             epoch, position = divmod(micro_step, num_batches)
             if schedule_epoch != epoch:  # one shuffle per epoch, not per step
-                schedule, schedule_epoch = batch_schedule(samples, cfg.batch_size, cfg.seed, epoch), epoch
-            batch = schedule[position]
+                schedule, schedule_epoch = batch_schedule(samples, global_batch, cfg.seed, epoch), epoch
+            # every process draws the random numbers of the whole global batch and keeps its rows, so N processes
+            # train exactly what one process would on the same global batch with the same seed
+            count = len(schedule[position])
+            rows, counted = shard_rows(count, rank, world)
+            batch = [schedule[position][row] for row in rows]
             flips = [cfg.random_flip and sample_rng(cfg.seed, epoch, i).random() < 0.5 for i in batch]
-            latents = (
-                self._latents(batch, flips, epoch, samples, sources, vae, latent_cache, noise_rng, device, weight_dtype)
-                * scaling
+            latents = self._latents(
+                batch, flips, epoch, samples, sources, vae, latent_cache, noise_rng, device, weight_dtype, rows, count
             )
+            latents = latents * scaling
             captions = [samples[i].caption for i in batch]
             if text_cache is not None:
                 hidden = torch.stack([text_cache[c] for c in captions]).to(device)
@@ -332,13 +418,12 @@ class Trainer:
                 with torch.set_grad_enabled(cfg.train_text_encoder):
                     hidden = self._encode_text(captions, tokenizers[0], text_encoders[0], device)
 
-            noise = torch.randn(latents.shape, generator=noise_rng).to(device)
+            noise = torch.randn((count, *latents.shape[1:]), generator=noise_rng)[rows].to(device)
             if cfg.noise_offset:
-                offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=noise_rng)
+                offset = torch.randn((count, latents.shape[1], 1, 1), generator=noise_rng)[rows]
                 noise = noise + cfg.noise_offset * offset.to(device)
-            timesteps = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=noise_rng
-            ).to(device)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (count,), generator=noise_rng)
+            timesteps = timesteps[rows].to(device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
 
@@ -349,8 +434,9 @@ class Trainer:
                 per_sample = per_sample * min_snr_weights(
                     alphas_cumprod, timesteps, cfg.min_snr_gamma, prediction_type == "v_prediction"
                 )
-            weights = torch.tensor([samples[i].weight for i in batch], device=device)
-            loss = (per_sample * weights).mean()
+            weights = torch.tensor([samples[i].weight if counted else 0.0 for i in batch], device=device)
+            # this process's share of the global-batch mean; DDP averages the gradients over the processes
+            loss = (per_sample * weights).sum() * (world / count)
             accelerator.backward(loss / cfg.gradient_accumulation_steps)
             accumulated += loss.item() / cfg.gradient_accumulation_steps
             micro_step += 1
@@ -365,6 +451,8 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
             steps_this_session += 1
+            if world > 1:  # the global-batch loss, the same number on every process
+                accumulated = accelerator.reduce(torch.tensor(accumulated, device=device), "mean").item()
             losses.append(accumulated)
             accumulated = 0.0
 
@@ -386,6 +474,8 @@ class Trainer:
                 cfg.checkpoint_every_epochs and epoch_done and (epoch + 1) % cfg.checkpoint_every_epochs == 0
             )
             stop = self._should_stop()
+            if world > 1:  # every process must agree, or the others wait forever at the next step
+                stop = bool(accelerator.reduce(torch.tensor(float(stop), device=device), "sum").item())
             if (due or stop) and global_step < plan.total_steps:
                 checkpoints.append(
                     self._checkpoint(
@@ -417,6 +507,7 @@ class Trainer:
             metadata = self._metadata(base, report, plan, global_step, started, prediction_type)
             save_adapter(output, tensors, metadata, dtype=cfg.save_dtype)
             final_samples = self._samples(base, unet, trained_tes, output.with_name(output.stem + "_samples"))
+        accelerator.wait_for_everyone()  # the others return only once the adapter is on disk
         seconds = time.time() - started
         self._emit(
             "done",
@@ -455,6 +546,8 @@ class Trainer:
         started: float | None = None,
         samples=None,
     ) -> None:
+        if not self.is_main_process:
+            return
         elapsed = time.time() - started if started else 0.0
         self._progress(
             TrainProgress(
@@ -505,27 +598,45 @@ class Trainer:
             self._bucket_counts[name] = self._bucket_counts.get(name, 0) + 1
         return samples, source_of
 
-    def _latents(self, batch, flips, epoch, samples, sources, vae, cache, noise_rng, device, dtype):
+    def _fill_latent_cache(self, samples, sources, vae, cache, device, dtype) -> None:
+        """Encode every image (and its mirror image when flipping) once, before the first step, as kohya's
+        cache_latents does: every step then costs the same, so the ETA is right from the start."""
+        first_index: dict[int, int] = {}
+        for index, source in enumerate(sources):
+            first_index.setdefault(source, index)
+        flips = (False, True) if self.config.random_flip else (False,)
+        todo = [(index, flip) for index in first_index.values() for flip in flips]
+        for done, (index, flip) in enumerate(todo):
+            if done % 32 == 0:
+                self._emit("caching", message=f"encoding latents {done + 1}-{min(done + 32, len(todo))}/{len(todo)}")
+            self._dist_params(index, flip, 0, samples, sources, vae, cache, device, dtype)
+
+    def _dist_params(self, index, flip, epoch, samples, sources, vae, cache, device, dtype) -> torch.Tensor:
+        """The VAE posterior (mean and log-variance) of one sample, from the cache when it holds it."""
         cfg = self.config
-        params = []
-        for index, flip in zip(batch, flips, strict=True):
-            key = (sources[index], flip)
-            if cache is not None and key in cache:
-                params.append(cache[key])
-                continue
-            sample = samples[index]
-            pixels = image_to_tensor(
-                open_image(sample.path), sample.bucket, cfg.center_crop, flip, sample_rng(cfg.seed, epoch, index)
-            )
-            with torch.no_grad():
-                dist_params = vae.encode(pixels[None].to(device, dtype)).latent_dist.parameters[0].float().cpu()
-            if cache is not None:
-                cache[key] = dist_params
-            params.append(dist_params)
+        key = (sources[index], flip)
+        if cache is not None and key in cache:
+            return cache[key]
+        sample = samples[index]
+        pixels = image_to_tensor(
+            open_image(sample.path), sample.bucket, cfg.center_crop, flip, sample_rng(cfg.seed, epoch, index)
+        )
+        with torch.no_grad():
+            dist_params = vae.encode(pixels[None].to(device, dtype)).latent_dist.parameters[0].float().cpu()
+        if cache is not None:
+            cache[key] = dist_params
+        return dist_params
+
+    def _latents(self, batch, flips, epoch, samples, sources, vae, cache, noise_rng, device, dtype, rows, count):
+        """Latents sampled from the VAE posterior of `batch`, which is `rows` of a `count`-sample global batch."""
+        params = [
+            self._dist_params(index, flip, epoch, samples, sources, vae, cache, device, dtype)
+            for index, flip in zip(batch, flips, strict=True)
+        ]
         stacked = torch.stack(params)
         mean, logvar = stacked.chunk(2, dim=1)
         std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
-        sample = mean + std * torch.randn(mean.shape, generator=noise_rng)
+        sample = mean + std * torch.randn((count, *mean.shape[1:]), generator=noise_rng)[rows]
         return sample.to(device)
 
     def _encode_text(self, captions, tokenizer, text_encoder, device):
@@ -555,7 +666,11 @@ class Trainer:
         betas = (cfg.adam_beta1, cfg.adam_beta2)
         if cfg.optimizer == "adamw":
             return torch.optim.AdamW(
-                groups, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, foreach=True
+                groups,
+                betas=betas,
+                eps=cfg.adam_epsilon,
+                weight_decay=cfg.weight_decay,
+                foreach=self.foreach_optimizer,
             )
         if cfg.optimizer == "adamw8bit":
             try:
@@ -713,6 +828,8 @@ class Trainer:
 
     def _load_resume_state(self, resume_from) -> dict:
         folder = find_checkpoint(resume_from)
+        if folder.parent.name == "checkpoints" and self.is_main_process:  # half-written checkpoints of a killed run
+            atomic.remove_stale(folder.parent, older_than=0)
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"checkpoint {folder} has an unknown state format {state.get('format')!r}")
@@ -731,6 +848,52 @@ class Trainer:
         noise_rng.set_state(state["noise_rng"])
         torch.set_rng_state(state["torch_rng"])
         return state["global_step"], state["micro_step"], list(state["losses"])
+
+
+# glibc mallopt parameters and their defaults
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+
+
+@contextlib.contextmanager
+def keep_freed_memory(enabled: bool = True) -> Iterator[None]:
+    """While training, let glibc keep freed memory for the next step instead of handing it back to the system.
+
+    By default glibc serves large blocks with mmap and trims the heap as soon as they are freed, so every step
+    faults its activations back in page by page: about a sixth of the CPU time of an SD-sized step in
+    bench/train_speed.py (what PyTorch's CPU tuning guide works around with jemalloc or tcmalloc). The usual
+    settings come back afterwards and the kept memory is released. Does nothing off glibc."""
+    libc = _glibc() if enabled else None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def set_attention(unet, sdpa: bool = True) -> None:
+    """Use PyTorch's fused scaled-dot-product attention (or, with sdpa=False, diffusers' classic matmul-softmax
+    processor) in every attention layer of `unet` that runs a standard processor; custom processors are kept."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    processors = unet.attn_processors
+    if processors and all(type(p) in (AttnProcessor, AttnProcessor2_0) for p in processors.values()):
+        unet.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
 
 
 def train(config: TrainConfig, **kwargs) -> TrainResult:

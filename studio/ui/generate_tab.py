@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 from PIL import Image
 
-from studio.generate import SAMPLERS, GenerationRequest, LoraRequest, generate
+from studio.generate import MEMORY_MODES, SAMPLERS, GenerationRequest, LoraRequest, generate
 from studio.library import Workspace
 from studio.ui.common import ModelCache, real_number, reports_errors, whole_number
 
 SLOTS = 4
 SLOT_FIELDS = ("adapter", "weight", "enabled", "separate", "te_weight", "unet_weight")
+# the Memory accordion's checkboxes: request field -> (label, what it does)
+MEMORY_BOXES = {
+    "vae_slicing": ("VAE slicing", "decode a batch one image at a time"),
+    "vae_tiling": ("VAE tiling", "decode large images in overlapping tiles"),
+    "cpu_offload": ("CPU offload", "each model waits on the CPU until it runs (needs a GPU)"),
+}
+MEMORY_IDS = tuple("gen-" + name.replace("_", "-") for name in MEMORY_MODES)
 SETTINGS = ("prompt", "negative", "seed_mode", "seed", "steps", "cfg", "width", "height", "sampler", "batch")
 
 
@@ -40,8 +48,9 @@ def stack_requests(slot_values: list[Any]) -> list[LoraRequest]:
     return requests
 
 
-def build_request(*args: Any) -> GenerationRequest:
-    """A GenerationRequest from the tab's settings (SETTINGS order) followed by the stack rows."""
+def build_request(*args: Any, memory: Sequence[bool] = (False, False, False)) -> GenerationRequest:
+    """A GenerationRequest from the tab's settings (SETTINGS order) followed by the stack rows; `memory` holds the
+    Memory checkboxes in MEMORY_MODES order."""
     v = dict(zip(SETTINGS, args[: len(SETTINGS)], strict=True))
     seed = -1 if v["seed_mode"] == "random" else whole_number(v["seed"], "seed", 0, 2**32 - 1)
     return GenerationRequest(
@@ -55,6 +64,7 @@ def build_request(*args: Any) -> GenerationRequest:
         sampler=v["sampler"],
         batch=whole_number(v["batch"], "batch count", 1, 16),
         loras=stack_requests(list(args[len(SETTINGS) :])),
+        **{name: bool(on) for name, on in zip(MEMORY_MODES, memory, strict=True)},
     )
 
 
@@ -70,9 +80,11 @@ def read_infotext(path: str | Path) -> str:
 
 
 @reports_errors(outputs=4, status=3)
-def run(models: ModelCache, workspace: Workspace, base: str, *args: Any) -> tuple:
+def run(
+    models: ModelCache, workspace: Workspace, base: str, *args: Any, memory: Sequence[bool] = (False, False, False)
+) -> tuple:
     """Generate; (gallery items, saved paths, infotext of the first image, status)."""
-    request = build_request(*args)
+    request = build_request(*args, memory=memory)
     out_dir = workspace.outputs_dir / dt.date.today().isoformat()
     with models.lock:
         model = models.get(base)
@@ -82,6 +94,7 @@ def run(models: ModelCache, workspace: Workspace, base: str, *args: Any) -> tupl
     paths = [str(p) for p in result.paths]
     items = [(p, f"seed {s}") for p, s in zip(paths, result.seeds, strict=True)]
     status = f"Saved {len(paths)} image(s) to `{out_dir}`: " + ", ".join(f"`{Path(p).name}`" for p in paths)
+    status += "".join(f"\n\nNote: {note}" for note in result.notes)
     return items, paths, read_infotext(paths[0]), status
 
 
@@ -142,6 +155,11 @@ def build(workspace: Workspace, models: ModelCache, base_box: gr.Textbox) -> dic
         with gr.Row():
             add = gr.Button("Add adapter", size="sm", elem_id="gen-add-adapter")
             clear = gr.Button("Clear stack", size="sm")
+    with gr.Accordion("Memory (for 8-12 GB GPUs)", open=False, elem_id="gen-memory"), gr.Row():
+        memory = [
+            gr.Checkbox(False, label=MEMORY_BOXES[name][0], info=MEMORY_BOXES[name][1], elem_id=elem_id)
+            for name, elem_id in zip(MEMORY_MODES, MEMORY_IDS, strict=True)
+        ]
     go = gr.Button("Generate", variant="primary", elem_id="gen-run")
     status = gr.Markdown(elem_id="gen-status")
     paths = gr.State([])
@@ -161,10 +179,12 @@ def build(workspace: Workspace, models: ModelCache, base_box: gr.Textbox) -> dic
             preview = gr.Button("Set selected image as the adapter's preview", elem_id="gen-set-preview")
 
     stack_inputs = [slot[f] for slot in slots for f in SLOT_FIELDS]
-    inputs = [base_box, *(s[f] for f in SETTINGS), *stack_inputs]
-    go.click(lambda *v: run(models, workspace, *v), inputs, [gallery, paths, info, status]).then(
-        lambda: "", None, selected
-    )
+    inputs = [base_box, *(s[f] for f in SETTINGS), *stack_inputs, *memory]
+    go.click(
+        lambda *v: run(models, workspace, *v[: -len(memory)], memory=v[-len(memory) :]),
+        inputs,
+        [gallery, paths, info, status],
+    ).then(lambda: "", None, selected)
     gallery.select(select_image, paths, [info, selected])
     preview.click(lambda a, i, p: set_preview(workspace, a, i, p), [preview_for, selected, paths], status)
     add.click(

@@ -12,7 +12,7 @@ from studio.jobs import JobRunner, TrainingJob
 from studio.library import Workspace, safe_name
 from studio.ui.common import ModelCache, real_number, reports_errors, whole_number
 from training.config import PRESETS, TrainConfig
-from training.estimate import describe_plan
+from training.estimate import Device, describe_plan
 
 # The tab's inputs, in the order handlers receive them.
 FIELDS = (
@@ -125,11 +125,19 @@ def build_config(workspace: Workspace, base: str, *args: Any) -> TrainConfig:
     )
 
 
-def plan(models: ModelCache, workspace: Workspace, base: str, *args: Any) -> str:
-    """The live plan for the current settings, or what is wrong with them."""
+# where the estimate is for: (label, Device.parse spec)
+ESTIMATE_DEVICES = [
+    ("this machine", "auto"),
+    ("CPU", "cpu"),
+    *((f"GPU {size} GB", f"gpu:{size}") for size in (6, 8, 12, 16, 24, 48, 80)),
+]
+
+
+def plan(models: ModelCache, workspace: Workspace, base: str, *args: Any, device: str = "auto") -> str:
+    """The live plan for the current settings with a time and memory estimate for `device`, or what is wrong."""
     try:
         config = build_config(workspace, base, *args)
-        return describe_plan(config, models.get(base))
+        return describe_plan(config, models.get(base), Device.parse(device))
     except Exception as exc:  # the plan is advisory: show why it cannot be computed
         from studio.ui.common import error_text
 
@@ -247,6 +255,9 @@ def build(runner: JobRunner, workspace: Workspace, models: ModelCache, base_box:
     c["sample_prompts"] = gr.Textbox(
         label="Sample prompts (one per line; rendered at each checkpoint)", lines=2, elem_id="train-samples"
     )
+    estimate_for = gr.Dropdown(
+        choices=ESTIMATE_DEVICES, value="auto", label="Estimate time and memory for", elem_id="train-estimate-for"
+    )
     plan_box = gr.Markdown("Choose a dataset to see the plan.", elem_id="train-plan")
     with gr.Row():
         go = gr.Button("Start training", variant="primary", elem_id="train-start")
@@ -269,9 +280,9 @@ def build(runner: JobRunner, workspace: Workspace, models: ModelCache, base_box:
 
     inputs = [base_box, *(c[f] for f in FIELDS)]
     gr.on(
-        [comp.change for comp in inputs],
-        lambda *v: plan(models, workspace, *v),
-        inputs,
+        [comp.change for comp in [*inputs, estimate_for]],
+        lambda *v: plan(models, workspace, *v[:-1], device=v[-1]),
+        [*inputs, estimate_for],
         plan_box,
         show_progress="hidden",
         trigger_mode="always_last",

@@ -1,0 +1,91 @@
+"""The estimate shown before training: it grows with what costs, and suggests memory-saving modes only when needed."""
+
+import pytest
+
+from studio.models import load_base
+from tests.helpers import write_style_images
+from training.config import TrainConfig
+from training.estimate import Device, describe_plan, estimate
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    data = write_style_images(tmp_path_factory.mktemp("estimate") / "data", count=4)
+    base = load_base(str(tiny_model_dir))
+    config = TrainConfig(
+        base=str(tiny_model_dir),
+        data_dir=str(data),
+        output=str(data.parent / "out.safetensors"),
+        resolution=64,
+        rank=4,
+        batch_size=2,
+        max_train_steps=10,
+        unet_targets="attn",
+        train_text_encoder=False,
+    )
+    return base, config
+
+
+def test_the_estimate_grows_with_resolution_batch_and_rank(setup):
+    base, config = setup
+    device = Device("cpu", 64)
+    reference = estimate(config, base, device)
+    for change in ({"resolution": 128}, {"batch_size": 4}, {"rank": 32}):
+        bigger = estimate(config.replace(**change), base, device)
+        assert bigger.peak_bytes > reference.peak_bytes, change
+        assert bigger.seconds_per_step > reference.seconds_per_step, change
+        assert bigger.seconds > reference.seconds, change
+    assert estimate(config.replace(max_train_steps=20), base, device).seconds > reference.seconds
+
+
+def test_gradient_checkpointing_trades_time_for_memory(setup):
+    base, config = setup
+    device = Device("cpu", 64)
+    big = config.replace(resolution=256, batch_size=4)
+    plain, checkpointed = estimate(big, base, device), estimate(big.replace(gradient_checkpointing=True), base, device)
+    assert checkpointed.memory["activations"] < plain.memory["activations"]
+    assert checkpointed.seconds_per_step > plain.seconds_per_step
+
+
+def test_over_budget_suggests_memory_saving_modes_and_under_budget_does_not(setup):
+    base, config = setup
+    heavy = config.replace(resolution=512, batch_size=8, train_text_encoder=True)
+    roomy = estimate(heavy, base, Device("gpu", 64))
+    assert roomy.fits and roomy.suggestions == []
+    text = describe_plan(heavy, base, Device("gpu", 64))
+    assert "does not fit" not in text and "estimated peak memory" in text
+
+    budget = roomy.peak_bytes * 0.9 / 1024**3
+    tight = estimate(heavy, base, Device("gpu", budget))
+    assert tight.fits is False
+    joined = "\n".join(tight.suggestions)
+    for mode in ("gradient checkpointing", "freeze the text encoder", "8-bit AdamW", "batch size to 4"):
+        assert mode in joined, (mode, joined)
+    assert "all of these together" in joined and "(fits)" in joined
+    text = describe_plan(heavy, base, Device("gpu", budget))
+    assert "does not fit" in text and "gradient checkpointing" in text
+
+
+def test_devices_parse_and_bad_devices_are_named():
+    assert Device.parse("gpu:24") == Device("gpu", 24.0)
+    assert Device.parse("cuda:12GB") == Device("gpu", 12.0)
+    assert Device.parse("cpu:32") == Device("cpu", 32.0)
+    assert Device.parse("auto") == Device.this_machine()
+    for bad in ("tpu:8", "gpu:lots", "gpu:-4"):
+        with pytest.raises(ValueError, match="device"):
+            Device.parse(bad)
+
+
+def test_the_cli_prints_the_plan_for_a_chosen_device_without_loading_weights(tiny_model_dir, tmp_path, capsys):
+    from studio.cli import main
+
+    data = write_style_images(tmp_path / "data", count=4)
+    common = ["train", "--base", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "o.safetensors")]
+    assert main([*common, "--plan", "--estimate-for", "gpu:0.1", "--resolution", "256", "--batch-size", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "estimated peak memory" in text and "does not fit the GPU (0.1 GiB)" in text
+    assert "gradient checkpointing" in text and "lower the batch size to 4" in text
+    assert not (tmp_path / "o.safetensors").exists(), "--plan must not train"
+    assert main([*common, "--plan", "--estimate-for", "gpu:80"]) == 0
+    assert "does not fit" not in capsys.readouterr().out
+    assert main([*common, "--plan", "--estimate-for", "tpu"]) == 2
