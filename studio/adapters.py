@@ -8,7 +8,9 @@ import json
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -23,10 +25,28 @@ DATASET_METADATA_KEYS = ("ss_tag_frequency", "ss_dataset_dirs", "ss_reg_dataset_
 LEGACY_HASH_OFFSET, LEGACY_HASH_LENGTH = 0x100000, 0x10000
 
 
-def kohya_unet_name(family: ModelFamily, module_path: str) -> str:
-    """The kohya module name of a UNet module given by its diffusers path."""
-    if family.kohya_unet_naming != "diffusers":
-        raise NotImplementedError(f"kohya UNet naming {family.kohya_unet_naming!r} is not implemented yet")
+def sgm_module_path(unet_config: Mapping[str, Any], module_path: str) -> str | None:
+    """The SGM/LDM path of a UNet module given by its diffusers path (input_blocks.4.1...), or None if it has none."""
+    key = _unet_layout(json.dumps(dict(unet_config), sort_keys=True, default=str)).ldm_key(module_path + ".weight")
+    return key[: -len(".weight")] if key is not None else None
+
+
+@lru_cache(maxsize=8)
+def _unet_layout(config_json: str):
+    from studio.convert import _UnetLayout
+
+    return _UnetLayout(json.loads(config_json))
+
+
+def kohya_unet_name(family: ModelFamily, module_path: str, unet_config: Mapping[str, Any] | None = None) -> str:
+    """The kohya module name of a UNet module given by its diffusers path (SGM-named for SDXL: FORMATS.md)."""
+    if family.kohya_unet_naming == "sgm":
+        if unet_config is None:
+            raise ValueError(f"{family.label} kohya names follow the SGM layout, which needs the UNet's config")
+        sgm_path = sgm_module_path(unet_config, module_path)
+        if sgm_path is None:
+            raise ValueError(f"UNet module {module_path} has no place in the SGM layout kohya names {family.label} by")
+        module_path = sgm_path
     return "lora_unet_" + module_path.replace(".", "_")
 
 
@@ -63,7 +83,7 @@ def kohya_state_dict(
     """The adapter `adapter_name` of the UNet and text encoders as kohya tensors (down, up, alpha per module)."""
     modules: dict[str, LoraModule] = {}
     for path, (down, up, alpha) in _peft_modules(unet, adapter_name).items():
-        modules[kohya_unet_name(family, path)] = LoraModule(down.clone(), up.clone(), alpha)
+        modules[kohya_unet_name(family, path, unet.config)] = LoraModule(down.clone(), up.clone(), alpha)
     for index, text_encoder in enumerate(text_encoders):
         for path, (down, up, alpha) in _peft_modules(text_encoder, adapter_name).items():
             modules[kohya_te_name(family, index, path)] = LoraModule(down.clone(), up.clone(), alpha)
@@ -325,7 +345,8 @@ class ParsedAdapter:
         return out
 
 
-def _te_kohya(prefix: str, path: str) -> str:
+def te_kohya_name(prefix: str, path: str) -> str:
+    """A text-encoder module's kohya name under `prefix`, with the `text_model.` level kohya expects."""
     if not path.startswith("text_model."):
         path = "text_model." + path
     return prefix + path.replace(".", "_")
@@ -366,7 +387,7 @@ def _peft_key_to_kohya(key: str) -> tuple[str, str] | None:
     elif suffix in (".down.weight", ".up.weight"):
         return None
     prefix = _PEFT_COMPONENTS[component]
-    name = prefix + rest.replace(".", "_") if component == "unet" else _te_kohya(prefix, rest)
+    name = prefix + rest.replace(".", "_") if component == "unet" else te_kohya_name(prefix, rest)
     return name, part
 
 

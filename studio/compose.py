@@ -12,7 +12,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from studio.adapters import LoraModule, ParsedAdapter, kohya_te_name, kohya_unet_name, parse_adapter
+from studio.adapters import (
+    LoraModule,
+    ParsedAdapter,
+    kohya_te_name,
+    kohya_unet_name,
+    parse_adapter,
+    sgm_module_path,
+    te_kohya_name,
+)
 from studio.infotext import civitai_lora_name
 from studio.models import BaseModel
 
@@ -46,12 +54,26 @@ def module_lookup(base: BaseModel) -> dict[str, tuple[str, str, nn.Module]]:
     table = base.extra.get("kohya_lookup")
     if table is not None:
         return table
-    table = {}
+    table, aliases = {}, {}
+    family, config = base.family, base.unet.config
     for path, module in _adaptable_modules(base.unet):
-        table[kohya_unet_name(base.family, path)] = ("unet", path, module)
-    for index, attr in enumerate(base.family.text_encoder_attrs):
+        found = ("unet", path, module)
+        sgm_path = sgm_module_path(config, path)
+        if family.kohya_unet_naming == "sgm" and sgm_path is None:
+            continue  # no kohya name exists for it, so no file can address it
+        table[kohya_unet_name(family, path, config)] = found
+        # Files in the wild also name UNet modules the other way (diffusers-format SDXL files, LDM-named SD1 files).
+        aliases["lora_unet_" + path.replace(".", "_")] = found
+        if sgm_path is not None:
+            aliases["lora_unet_" + sgm_path.replace(".", "_")] = found
+    for index, attr in enumerate(family.text_encoder_attrs):
         for path, module in _adaptable_modules(getattr(base.pipeline, attr)):
-            table[kohya_te_name(base.family, index, path)] = (attr, path, module)
+            found = (attr, path, module)
+            table[kohya_te_name(family, index, path)] = found
+            if index == 0:  # diffusers-format files call the first text encoder lora_te_ in every family
+                aliases[te_kohya_name("lora_te_", path)] = found
+    for name, found in aliases.items():
+        table.setdefault(name, found)
     base.extra["kohya_lookup"] = table
     return table
 
@@ -72,7 +94,7 @@ def _fits(module: nn.Module, lora: LoraModule) -> str | None:
 
 def match_adapter(parsed: ParsedAdapter, base: BaseModel) -> MatchedAdapter:
     """Match a parsed adapter to `base`; refuse another family or a file that matches nothing (nothing is touched)."""
-    if parsed.family is not None and parsed.family != base.family.name:
+    if parsed.family is not None and parsed.family != base.family.lineage:
         raise ValueError(
             f"{parsed.path.name} is a LoRA for {parsed.family.upper()} models; the base model is {base.family.label}"
         )

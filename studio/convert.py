@@ -176,7 +176,9 @@ def _convert(
 
 def ldm_state_dict(pipeline: Any) -> dict[str, torch.Tensor]:
     """The UNet, VAE and text-encoder weights of an SD 1.x pipeline, renamed to the original LDM checkpoint layout."""
-    detect_family(pipeline)  # raises for SD 2.x / SDXL
+    family = detect_family(pipeline)
+    if family is not SD1:
+        raise ValueError(f"writing {family.label} models as single files is not supported yet; SD 1.x only")
     out: dict[str, torch.Tensor] = {}
     layout = _UnetLayout(pipeline.unet.config)
     _convert(pipeline.unet.state_dict(), layout.ldm_key, UNET_PREFIX, "UNet", out)

@@ -72,7 +72,7 @@ def merge_adapters(
         raise ValueError(f"cannot merge adapters of different model families: {', '.join(sorted(families))}")
     modules, errors = merge_modules(parsed, rank)
     first = parsed[0][0].metadata
-    family = FAMILIES.get(next(iter(families))) if families else None
+    family = _merged_family(next(iter(families)), parsed[0][0].metadata) if families else None
     max_rank = max(m.rank for m in modules.values())
     title = title or Path(output).stem
     metadata = {k: v for k, v in first.items() if k.startswith("modelspec.") or k in ("ss_v2", "ss_base_model_version")}
@@ -104,3 +104,12 @@ def merge_adapters(
         relative_error_max=max(errors),
         relative_error_mean=sum(errors) / len(errors),
     )
+
+
+def _merged_family(lineage: str, metadata: dict[str, str]):
+    """The family a merge of `lineage` adapters is for: the first input's own (SD 2.x 512 or 768-v), else the
+    lineage's first family."""
+    stated = [f for f in FAMILIES.values() if f.ss_base_model_version == metadata.get("ss_base_model_version")]
+    if stated and stated[0].lineage == lineage:
+        return stated[0]
+    return next((f for f in FAMILIES.values() if f.lineage == lineage), None)

@@ -1,4 +1,4 @@
-"""Base-model families (SD 1.x now; SD 2.x and SDXL register here later) and base-model loading."""
+"""Base-model families (SD 1.x, SD 2.x 512 and 768-v, SDXL base) and base-model loading."""
 
 from __future__ import annotations
 
@@ -39,6 +39,18 @@ class ModelFamily:
     kohya_te_roots: tuple[str, ...] = ("text_model.",)
     bucket_step: int = 64
     modelspec_implementation: str = "diffusers"
+    # Families whose adapters fit each other's weights (SD 2.x 512 and 768-v share one architecture).
+    lineage: str = ""
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self):
+        if not self.lineage:
+            object.__setattr__(self, "lineage", self.name)
+
+    @property
+    def is_sdxl(self) -> bool:
+        """True for SDXL (two text encoders, pooled embeddings, size/crop conditioning)."""
+        return self.lineage == "sdxl"
 
     def kohya_te_prefix(self, index: int) -> str:
         """The kohya key prefix of text encoder number `index` (0-based)."""
@@ -56,7 +68,43 @@ SD1 = ModelFamily(
     kohya_te_prefixes=("lora_te_",),
 )
 
-FAMILIES: dict[str, ModelFamily] = {SD1.name: SD1}
+SD2 = ModelFamily(
+    name="sd2",
+    label="SD 2.x (512, epsilon)",
+    ss_base_model_version="sd_v2",
+    ss_v2=True,
+    modelspec_architecture="stable-diffusion-v2-512",
+    resolution=512,
+    text_encoder_attrs=("text_encoder",),
+    kohya_te_prefixes=("lora_te_",),
+)
+SD2V = ModelFamily(
+    name="sd2v",
+    label="SD 2.x (768, v-prediction)",
+    ss_base_model_version="sd_v2_v",
+    ss_v2=True,
+    modelspec_architecture="stable-diffusion-v2-768-v",
+    resolution=768,
+    text_encoder_attrs=("text_encoder",),
+    kohya_te_prefixes=("lora_te_",),
+    lineage="sd2",
+    prediction_type="v_prediction",
+)
+SDXL = ModelFamily(
+    name="sdxl",
+    label="SDXL",
+    ss_base_model_version="sdxl_base_v1-0",
+    ss_v2=False,
+    modelspec_architecture="stable-diffusion-xl-v1-base",
+    resolution=1024,
+    text_encoder_attrs=("text_encoder", "text_encoder_2"),
+    kohya_te_prefixes=("lora_te1_", "lora_te2_"),
+    kohya_unet_naming="sgm",
+    kohya_te_roots=("text_model.", "text_model."),
+    bucket_step=32,
+)
+
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD1, SD2, SD2V, SDXL)}
 
 
 def get_family(name: str) -> ModelFamily:
@@ -68,12 +116,20 @@ def get_family(name: str) -> ModelFamily:
 
 
 def detect_family(pipeline) -> ModelFamily:
-    """Tell the family of a loaded diffusers pipeline from its components."""
+    """Tell the family of a loaded diffusers pipeline (or any object with its components) from its components."""
     if getattr(pipeline, "text_encoder_2", None) is not None:
-        raise ValueError("SDXL base models are not supported yet (planned); this studio handles SD 1.x")
-    cross_dim = pipeline.unet.config.cross_attention_dim
-    if cross_dim == 1024:
-        raise ValueError("SD 2.x base models are not supported yet (planned); this studio handles SD 1.x")
+        return SDXL
+    # SD 2.x's OpenCLIP text encoder uses GELU where SD 1.x's OpenAI CLIP uses quick-GELU (true of tiny test
+    # models too, whose widths say nothing); without a text encoder, SD 2.x's 1024-wide cross-attention tells.
+    text_config = getattr(getattr(pipeline, "text_encoder", None), "config", None)
+    if text_config is not None:
+        is_sd2 = getattr(text_config, "hidden_act", "quick_gelu") == "gelu"
+    else:
+        is_sd2 = pipeline.unet.config.cross_attention_dim == 1024
+    if is_sd2:
+        scheduler = getattr(pipeline, "scheduler", None)
+        prediction = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
+        return SD2V if prediction == "v_prediction" else SD2
     return SD1
 
 
@@ -140,6 +196,28 @@ def resolve_spec(spec: str) -> tuple[str, str]:
     raise ValueError(f"base model not found: {spec!r} is neither an existing folder or file nor a hub id")
 
 
+def pipeline_class(family: ModelFamily):
+    """The diffusers pipeline class that runs `family`."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family.is_sdxl else StableDiffusionPipeline
+
+
+def _folder_pipeline_class(location: str):
+    """The pipeline class a diffusers folder names in its model_index.json (SDXL or SD)."""
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    try:
+        class_name = json.loads((Path(location) / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{location}/model_index.json is unreadable: {exc}") from exc
+    if not class_name:
+        return DiffusionPipeline
+    return pipeline_class(SDXL if "XL" in class_name else SD1)
+
+
 def load_base(
     spec: str,
     *,
@@ -148,18 +226,21 @@ def load_base(
     config_dir: str | None = None,
 ) -> BaseModel:
     """Load a base model from 'demo', a diffusers folder, a single-file .safetensors, or a hub id."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     kind, location = resolve_spec(spec)
-    common = {"torch_dtype": torch_dtype, "safety_checker": None, "requires_safety_checker": False}
     try:
         if kind == "single_file":
-            kwargs = dict(common)
+            from studio.convert import detect_family_from_checkpoint
+
+            cls = pipeline_class(detect_family_from_checkpoint(location))
+            kwargs = {}
             if config_dir is not None:
                 kwargs.update(config=config_dir, local_files_only=True)
-            pipe = StableDiffusionPipeline.from_single_file(location, **kwargs)
+            pipe = cls.from_single_file(location, **_load_kwargs(cls, torch_dtype), **kwargs)
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(location, **common)
+            cls = _folder_pipeline_class(location) if kind == "folder" else DiffusionPipeline
+            pipe = cls.from_pretrained(location, **_load_kwargs(cls, torch_dtype))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ValueError(f"could not load base model {spec!r}: {exc}") from exc
     pipe.to(device)
@@ -170,6 +251,16 @@ def load_base(
         name = "demo"
     extra = {"model_hash": file_sha256(location)[:10]} if kind == "single_file" else {}
     return BaseModel(pipeline=pipe, family=family, spec=spec, name=name, extra=extra)
+
+
+def _load_kwargs(cls, torch_dtype: torch.dtype) -> dict:
+    """from_pretrained / from_single_file arguments for `cls` (only SD 1/2 pipelines have a safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = {"torch_dtype": torch_dtype}
+    if cls is StableDiffusionPipeline:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    return kwargs
 
 
 def file_sha256(path: str | Path) -> str:

@@ -99,27 +99,81 @@ def build_text_encoder(config: dict, vocab_size: int | None = None, seed: int = 
         return CLIPTextModel(CLIPTextConfig(**config)).eval()
 
 
-def build_tiny_pipeline(workdir: str | Path, seed: int = 0):
-    """A complete tiny StableDiffusionPipeline (random weights, char tokenizer) saved to and loaded from `workdir`."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTokenizer
+TINY_FAMILIES = ("sd1", "sd2", "sd2v", "sdxl")
+# What makes each family's tiny model structurally that family (the same switches its real configs set).
+_TINY_SD2_UNET = {"use_linear_projection": True, "attention_head_dim": [2, 4]}
+_TINY_SDXL_UNET = {
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+    "attention_head_dim": [2, 4],
+    "transformer_layers_per_block": [1, 2],
+    "cross_attention_dim": 64,  # both text encoders' hidden states side by side (32 + 32)
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 80,  # 6 size/crop numbers x 8 + the pooled embedding (32)
+}
 
+
+def build_tiny_pipeline(workdir: str | Path, seed: int = 0, family: str = "sd1"):
+    """A complete tiny pipeline of `family` (random weights, char tokenizer) saved to `workdir` as a diffusers folder.
+
+    sd1: StableDiffusionPipeline; sd2 / sd2v: OpenCLIP-style (GELU) text encoder and linear projections, with
+    epsilon / v-prediction; sdxl: StableDiffusionXLPipeline with two text encoders and size conditioning.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(TINY_FAMILIES)}")
     workdir = Path(workdir)
     tokenizer_dir = write_char_tokenizer(workdir / "_tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
-    unet = build_unet(TINY_UNET, seed)
+    openclip_tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77, pad_token="!")
+    unet_config = dict(TINY_UNET)
+    text_config = dict(TINY_TEXT_ENCODER)
+    scheduler_config = dict(TINY_SCHEDULER)
+    if family in ("sd2", "sd2v"):
+        unet_config.update(_TINY_SD2_UNET)
+        text_config["hidden_act"] = "gelu"
+        tokenizer = openclip_tokenizer
+    if family == "sd2v":
+        scheduler_config.update(prediction_type="v_prediction", timestep_spacing="trailing")
+    if family == "sdxl":
+        unet_config.update(_TINY_SDXL_UNET)
+    unet = build_unet(unet_config, seed)
     with _seeded(seed + 1):
         vae = AutoencoderKL(**TINY_VAE)
-    text_encoder = build_text_encoder(TINY_TEXT_ENCODER, vocab_size=len(tokenizer), seed=seed + 2)
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=DDIMScheduler(**TINY_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    text_encoder = build_text_encoder(text_config, vocab_size=len(tokenizer), seed=seed + 2)
+    if family == "sdxl":
+        config = CLIPTextConfig(
+            **{**TINY_TEXT_ENCODER, "hidden_act": "gelu"},
+            vocab_size=len(tokenizer),
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+        with _seeded(seed + 3):
+            text_encoder_2 = CLIPTextModelWithProjection(config).eval()
+        pipe = StableDiffusionXLPipeline(
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=openclip_tokenizer,
+            scheduler=DDIMScheduler(**scheduler_config),
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=DDIMScheduler(**scheduler_config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.save_pretrained(workdir)
     return workdir
