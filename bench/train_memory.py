@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import INK, ROOT, emit, machine, peak_rss_bytes, run_child, sd15_base, subset  # noqa: E402
+from bench.common import INK, emit, machine, peak_rss_bytes, run_child, sd15_base, subset  # noqa: E402
+from studio.models import CONFIGS_DIR  # noqa: E402
 from training.config import PRESETS, TrainConfig  # noqa: E402
 from training.data import image_to_tensor, open_image, scan_dataset  # noqa: E402
 from training.lora import (  # noqa: E402
@@ -133,23 +134,18 @@ def child(args: dict) -> dict:
 
 
 def meta_models(family: str):
-    """Weightless UNet and text encoder(s) of a family from studio/configs, or None when its configs are absent."""
+    """Weightless UNet and text encoder(s) of a shipped model (studio/configs: sd15, sdxl_base, ...)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    folder = ROOT / "studio" / "configs" / family
-    if not (folder / "unet.json").is_file():
-        return None
-
-    def config(name: str) -> dict:
-        values = json.loads((folder / f"{name}.json").read_text())
-        return {k: v for k, v in values.items() if not k.startswith("_") and k != "architectures"}
+    from studio.tiny import load_config
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**config("unet"))
-        encoders = [CLIPTextModel(CLIPTextConfig(**config("text_encoder")))]
-        if (folder / "text_encoder_2.json").is_file():
-            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**config("text_encoder_2"))))
+        unet = UNet2DConditionModel(**load_config(family, "unet"))
+        encoders = [CLIPTextModel(CLIPTextConfig(**load_config(family, "text_encoder")))]
+        if (CONFIGS_DIR / family / "text_encoder_2").is_dir():
+            config = CLIPTextConfig(**load_config(family, "text_encoder_2"))
+            encoders.append(CLIPTextModelWithProjection(config))
     return unet, encoders
 
 
@@ -164,12 +160,9 @@ def _lora_count(model, paths: list[str], rank: int) -> int:
     return total
 
 
-def parameter_counts(family: str, rank: int = 16) -> dict | None:
+def parameter_counts(family: str, rank: int = 16) -> dict:
     """Trainable LoRA parameters and adapted modules per target preset and per training preset."""
-    models = meta_models(family)
-    if models is None:
-        return None
-    unet, encoders = models
+    unet, encoders = meta_models(family)
     unet_total = sum(p.numel() for p in unet.parameters())
     te_total = sum(p.numel() for te in encoders for p in te.parameters())
     targets = {}
@@ -251,9 +244,7 @@ def main() -> None:
     def log(message: str) -> None:
         print(f"[{time.time() - started:6.0f}s] {message}", file=sys.stderr, flush=True)
 
-    result["parameters"] = {"sd15": parameter_counts("sd15")}
-    sdxl = parameter_counts("sdxl")
-    result["parameters"]["sdxl"] = sdxl or "skipped: studio/configs has no SDXL configs yet"
+    result["parameters"] = {"sd15": parameter_counts("sd15"), "sdxl": parameter_counts("sdxl_base")}
     if not args.skip_memory:
         peaks = {}
         for configuration in CONFIGURATIONS:

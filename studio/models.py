@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import gzip
 import hashlib
+import json
 import logging
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,26 +222,129 @@ def _folder_pipeline_class(location: str):
     return pipeline_class(SDXL if "XL" in class_name else SD1)
 
 
+# The shipped diffusers config folder (no weights) of each family: what a single-file checkpoint is loaded into.
+SHIPPED_CONFIG_NAMES = {"sd1": "sd15", "sd2": "sd21_base", "sd2v": "sd21_768v", "sdxl": "sdxl_base"}
+CLIP_BPE_FILE = CONFIGS_DIR / "clip" / "bpe_simple_vocab_16e6.txt.gz"
+CLIP_VOCAB_SIZE = 49408
+
+
+def shipped_config_dir(family: ModelFamily) -> Path:
+    """The shipped diffusers config folder (configs and tokenizer settings, no weights) of `family`."""
+    return CONFIGS_DIR / SHIPPED_CONFIG_NAMES[family.name]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table: printable bytes map to themselves."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {byte: chr(byte) for byte in printable}
+    extra = 0
+    for byte in range(256):
+        if byte not in table:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+@functools.lru_cache(maxsize=1)
+def clip_bpe_vocabulary() -> tuple[dict[str, int], tuple[str, ...]]:
+    """CLIP's token -> id vocabulary and BPE merges ("a b" lines), built from the shipped OpenAI BPE file."""
+    lines = gzip.decompress(CLIP_BPE_FILE.read_bytes()).decode("utf-8").split("\n")
+    base = list(_bytes_to_unicode().values())
+    merge_count = CLIP_VOCAB_SIZE - 2 * len(base) - 2  # the vocabulary ends with the merges and 2 specials
+    merges = tuple(lines[1 : 1 + merge_count])  # line 0 is a version header
+    tokens = base + [token + "</w>" for token in base] + [merge.replace(" ", "") for merge in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: index for index, token in enumerate(tokens)}, merges
+
+
+def clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77):
+    """The real CLIP BPE tokenizer (SD 1.x/2.x, both SDXL ones), built offline; SD 2.x / OpenCLIP pad with "!"."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_bpe_vocabulary()
+    with tempfile.TemporaryDirectory(prefix="clip-tokenizer-") as directory:
+        Path(directory, "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        Path(directory, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(directory, pad_token=pad_token, model_max_length=model_max_length)
+
+
+def _missing_tokenizers(config_dir: Path) -> dict:
+    """Tokenizers a config folder names but ships without a vocabulary, built from the shipped CLIP BPE file."""
+    tokenizers = {}
+    for name in ("tokenizer", "tokenizer_2"):
+        folder = config_dir / name
+        if not folder.is_dir() or any((folder / vocab).is_file() for vocab in ("vocab.json", "tokenizer.json")):
+            continue
+        settings_file = folder / "tokenizer_config.json"
+        settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+        tokenizers[name] = clip_tokenizer(
+            settings.get("pad_token", "<|endoftext|>"), settings.get("model_max_length", 77)
+        )
+    return tokenizers
+
+
+def folder_prediction_type(config_dir: str | Path) -> str | None:
+    """The scheduler's prediction_type in a diffusers (config) folder, or None if it does not say."""
+    path = Path(config_dir) / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(path.read_text()).get("prediction_type")
+    except (OSError, ValueError):
+        return None
+
+
+def _with_prediction_type(pipe, prediction_type: str):
+    """`pipe` with its scheduler switched to `prediction_type` (same scheduler class and settings otherwise)."""
+    if pipe.scheduler.config.get("prediction_type", "epsilon") != prediction_type:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    return pipe
+
+
+def _load_single_file(
+    location: str, torch_dtype: torch.dtype, config_dir: str | None, prediction_type: str | None
+) -> object:
+    """A pipeline from an LDM/SGM-layout .safetensors file, with configs from `config_dir` or the shipped folder."""
+    from studio.convert import detect_family_from_checkpoint, sdxl_text_encoder_2_if_ambiguous
+
+    fallback = (folder_prediction_type(config_dir) if config_dir is not None else None) or "v_prediction"
+    family = detect_family_from_checkpoint(location, prediction_type=prediction_type, fallback_prediction_type=fallback)
+    folder = Path(config_dir) if config_dir is not None else shipped_config_dir(family)
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"config folder {folder} has no model_index.json (not a diffusers config folder)")
+    cls = pipeline_class(family)
+    components = _missing_tokenizers(folder)
+    if family.is_sdxl:
+        components.update(sdxl_text_encoder_2_if_ambiguous(location, folder, torch_dtype))
+    pipe = cls.from_single_file(
+        location, config=str(folder), local_files_only=True, **components, **_load_kwargs(cls, torch_dtype)
+    )
+    # SD 2.x's choice is the family's; other families keep their config's unless the caller asked (v-pred finetunes)
+    chosen = family.prediction_type if family.lineage == "sd2" else prediction_type
+    return _with_prediction_type(pipe, chosen) if chosen else pipe
+
+
 def load_base(
     spec: str,
     *,
     torch_dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     config_dir: str | None = None,
+    prediction_type: str | None = None,
 ) -> BaseModel:
-    """Load a base model from 'demo', a diffusers folder, a single-file .safetensors, or a hub id."""
+    """Load a base model from 'demo', a diffusers folder, a single-file .safetensors, or a hub id.
+
+    A single file is loaded offline into `config_dir` (a diffusers folder without weights) or, by default, the
+    shipped config folder of its family. SD 2.x files do not say whether they are 512/epsilon or 768/v-prediction:
+    `prediction_type` ("epsilon" | "v_prediction") decides, else the file's modelspec metadata, else a same-named
+    LDM .yaml beside it (A1111's convention), else `config_dir`'s scheduler, else 768/v-prediction (SD 2.1's flagship).
+    """
     from diffusers import DiffusionPipeline
 
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
     kind, location = resolve_spec(spec)
     try:
         if kind == "single_file":
-            from studio.convert import detect_family_from_checkpoint
-
-            cls = pipeline_class(detect_family_from_checkpoint(location))
-            kwargs = {}
-            if config_dir is not None:
-                kwargs.update(config=config_dir, local_files_only=True)
-            pipe = cls.from_single_file(location, **_load_kwargs(cls, torch_dtype), **kwargs)
+            pipe = _load_single_file(location, torch_dtype, config_dir, prediction_type)
         else:
             cls = _folder_pipeline_class(location) if kind == "folder" else DiffusionPipeline
             pipe = cls.from_pretrained(location, **_load_kwargs(cls, torch_dtype))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from studio.models import CONFIGS_DIR
+from studio.models import CONFIGS_DIR, SHIPPED_CONFIG_NAMES
 
 TINY_UNET = {
     "sample_size": 16,
@@ -64,10 +64,21 @@ def write_char_tokenizer(directory: str | Path) -> Path:
     return directory
 
 
+def load_config(name: str, component: str) -> dict:
+    """The real config of `component` (unet, text_encoder, text_encoder_2, vae, scheduler) of shipped model `name`."""
+    if name not in SHIPPED_CONFIG_NAMES.values():
+        raise ValueError(f"no shipped config {name!r}; shipped: {', '.join(SHIPPED_CONFIG_NAMES.values())}")
+    file_name = "scheduler_config.json" if component == "scheduler" else "config.json"
+    path = CONFIGS_DIR / name / component / file_name
+    if not path.is_file():
+        raise ValueError(f"shipped config {name!r} has no {component!r} component")
+    config = json.loads(path.read_text())
+    return {k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"}
+
+
 def load_sd15_config(component: str) -> dict:
     """The real Stable Diffusion 1.5 config of `component` (unet, text_encoder, vae, scheduler), shipped."""
-    config = json.loads((CONFIGS_DIR / "sd15" / f"{component}.json").read_text())
-    return {k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"}
+    return load_config("sd15", component)
 
 
 @contextmanager

@@ -175,3 +175,35 @@ def test_sd2_512_and_768_v_adapters_are_one_lineage(family_dirs, tmp_path):
     plain = run(base.pipeline)
     AdapterStack(base).add(load_adapter(adapter, base), 1.0)
     assert _max_diff(run(base.pipeline), plain) > 1e-2
+
+
+def test_real_sdxl_config_gives_kohyas_722_unet_and_264_text_encoder_modules():
+    """Built from the shipped SDXL base configs on the meta device (no weights): kohya's LierLa set, SGM-named."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from studio.adapters import kohya_te_name, kohya_unet_name
+    from studio.models import SDXL
+    from studio.tiny import load_config
+    from training.lora import LoraSpec, text_encoder_targets, unet_targets
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**load_config("sdxl_base", "unet"))
+        te1 = CLIPTextModel(CLIPTextConfig(**load_config("sdxl_base", "text_encoder")))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**load_config("sdxl_base", "text_encoder_2")))
+    spec = LoraSpec(rank=8, alpha=8, unet_targets="kohya", text_encoder_targets="attn_mlp")
+    unet_names = {kohya_unet_name(SDXL, path, unet.config) for path in unet_targets(unet, spec)}
+    te_names = {
+        kohya_te_name(SDXL, i, path) for i, te in enumerate((te1, te2)) for path in text_encoder_targets(te, spec)
+    }
+    assert (len(unet_names), len(te_names)) == (722, 264)
+    for name in (
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k",
+        "lora_unet_input_blocks_8_1_transformer_blocks_9_ff_net_2",
+        "lora_unet_middle_block_1_transformer_blocks_9_attn1_to_out_0",
+        "lora_unet_output_blocks_0_1_proj_in",
+        "lora_unet_output_blocks_5_1_transformer_blocks_1_attn2_to_v",
+    ):
+        assert name in unet_names, name
+    assert "lora_te1_text_model_encoder_layers_11_self_attn_q_proj" in te_names
+    assert "lora_te2_text_model_encoder_layers_31_mlp_fc2" in te_names

@@ -14,7 +14,7 @@ from studio.convert import (
     read_checkpoint_shapes,
     save_single_file,
 )
-from studio.models import SD1, load_base
+from studio.models import SD1, SD2V, SDXL, load_base
 from studio.tiny import build_text_encoder, build_unet, load_sd15_config
 
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -178,7 +178,7 @@ def test_detect_family(single_file):
 
 
 @pytest.mark.parametrize(
-    ("keys", "message"),
+    ("keys", "family"),
     [
         (
             [
@@ -186,16 +186,25 @@ def test_detect_family(single_file):
                 "conditioner.embedders.1.model.positional_embedding",
                 "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
             ],
-            r"SDXL.*not supported yet.*conditioner\.embedders",
+            SDXL,
         ),
+        (["cond_stage_model.model.token_embedding.weight", "model.diffusion_model.out.2.weight"], SD2V),
+        ({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)}, SD2V),
+        ({"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (640, 2048)}, SDXL),
+    ],
+)
+def test_detect_other_families(keys, family):
+    assert detect_family_from_checkpoint(keys) is family
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
         (
-            ["cond_stage_model.model.token_embedding.weight", "model.diffusion_model.out.2.weight"],
-            r"SD 2\.x.*not supported yet.*cond_stage_model\.model\.",
+            ["conditioner.embedders.0.model.text_projection", "model.diffusion_model.out.2.weight"],
+            r"conditioner\.embedders.*refiner",
         ),
-        (
-            {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)},
-            r"SD 2\.x.*not supported yet",
-        ),
+        ({"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (768, 1280)}, "refiner"),
         (["model.diffusion_model.out.2.weight"], "cannot tell"),
         (["lora_unet_down_blocks_0.alpha"], "not a Stable Diffusion checkpoint"),
     ],

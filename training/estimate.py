@@ -473,8 +473,7 @@ def weightless_base(spec: str) -> BaseModel:
     folder = Path(location) if kind == "folder" else CONFIGS_DIR / "sd15"
 
     def component(name: str) -> dict:
-        path = folder / name / "config.json" if kind == "folder" else folder / f"{name}.json"
-        return json.loads(path.read_text())
+        return json.loads((folder / name / "config.json").read_text())
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(component("unet"))
