@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from studio.clip_tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
 from studio.convert import (
     detect_family_from_checkpoint,
     ldm_state_dict,
@@ -22,14 +23,12 @@ from studio.convert import (
     save_single_file,
 )
 from studio.models import (
-    CLIP_VOCAB_SIZE,
     CONFIGS_DIR,
     SD1,
     SD2,
     SD2V,
     SDXL,
     SHIPPED_CONFIG_NAMES,
-    clip_tokenizer,
     get_family,
     load_base,
     shipped_config_dir,
