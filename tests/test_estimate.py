@@ -89,3 +89,28 @@ def test_the_cli_prints_the_plan_for_a_chosen_device_without_loading_weights(tin
     assert main([*common, "--plan", "--estimate-for", "gpu:80"]) == 0
     assert "does not fit" not in capsys.readouterr().out
     assert main([*common, "--plan", "--estimate-for", "tpu"]) == 2
+
+
+def test_sd2_and_sdxl_estimates_come_from_their_own_configs(setup, tmp_path):
+    """A single SD 2.x 768-v file is estimated from the shipped SD 2.1-768 configs, an SDXL folder with both text
+    encoders and its size conditioning, each with the family it is."""
+    from studio.convert import save_single_file
+    from studio.models import CONFIGS_DIR
+    from studio.tiny import build_tiny_pipeline
+    from training.estimate import weightless_base
+
+    _, config = setup
+    sd2 = weightless_base(str(CONFIGS_DIR / "sd21_768v"))
+    assert sd2.family.name == "sd2v" and sd2.unet.config.cross_attention_dim == 1024
+    at_768 = estimate(config.replace(resolution=768, batch_size=4), sd2, Device("gpu", 8))
+    assert at_768.peak_bytes > 8 * 2**30 and any("gradient checkpointing" in s for s in at_768.suggestions)
+
+    xl_dir = build_tiny_pipeline(tmp_path / "xl", family="sdxl")
+    xl = weightless_base(str(xl_dir))
+    assert xl.family.name == "sdxl" and len(xl.text_encoders) == 2
+    both = estimate(config.replace(train_text_encoder=True, text_encoder_targets="attn"), xl, Device("cpu", 64))
+    one = estimate(config, xl, Device("cpu", 64))
+    assert both.memory["lora_and_optimizer"] > one.memory["lora_and_optimizer"]
+
+    single = save_single_file(xl_dir, tmp_path / "xl.safetensors")
+    assert weightless_base(str(single)).family.name == "sdxl"  # the shipped SDXL configs, by the file's keys

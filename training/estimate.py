@@ -463,25 +463,32 @@ def weightless_base(spec: str) -> BaseModel:
     import types
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from studio.models import CONFIGS_DIR, SD1, resolve_spec
+    from studio.convert import detect_family_from_checkpoint
+    from studio.models import detect_family, resolve_spec, shipped_config_dir
 
     kind, location = resolve_spec(spec)
     if kind == "hub":
         raise ValueError(f"{spec!r} is a hub id: the estimate needs the model's config files on disk")
-    folder = Path(location) if kind == "folder" else CONFIGS_DIR / "sd15"
+    folder = Path(location) if kind == "folder" else shipped_config_dir(detect_family_from_checkpoint(location))
 
-    def component(name: str) -> dict:
-        return json.loads((folder / name / "config.json").read_text())
+    def component(name: str, file: str = "config.json") -> dict:
+        return json.loads((folder / name / file).read_text())
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(component("unet"))
         vae = AutoencoderKL.from_config(component("vae"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(component("text_encoder")))
-    pipeline = types.SimpleNamespace(unet=unet, vae=vae, text_encoder=text_encoder)
+        text_encoder_2 = None
+        if (folder / "text_encoder_2" / "config.json").is_file():
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(component("text_encoder_2")))
+    scheduler = types.SimpleNamespace(config=types.SimpleNamespace(**component("scheduler", "scheduler_config.json")))
+    pipeline = types.SimpleNamespace(
+        unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, scheduler=scheduler
+    )
     pipeline.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    return BaseModel(pipeline=pipeline, family=SD1, spec=spec, name=Path(location).name)
+    return BaseModel(pipeline=pipeline, family=detect_family(pipeline), spec=spec, name=Path(location).name)
 
 
 def _sum_profiles(profiles: list[PassProfile]) -> PassProfile:
