@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import functools
 import gzip
+import inspect
 import json
 import tempfile
 from pathlib import Path
 
+from studio.atomic import atomic_path
 from studio.models import CONFIGS_DIR
 
 CLIP_BPE_FILE = CONFIGS_DIR / "clip" / "bpe_simple_vocab_16e6.txt.gz"
@@ -44,7 +46,12 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77)
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_bpe_vocabulary()
+    settings = {"pad_token": pad_token, "model_max_length": model_max_length}
+    if "vocab" in inspect.signature(CLIPTokenizer.__init__).parameters:  # transformers >= 5 builds from memory
+        return CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split(" ")) for m in merges], **settings)
     with tempfile.TemporaryDirectory(prefix="clip-tokenizer-") as directory:
-        Path(directory, "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        Path(directory, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        return CLIPTokenizer.from_pretrained(directory, pad_token=pad_token, model_max_length=model_max_length)
+        with atomic_path(Path(directory, "vocab.json")) as tmp:
+            tmp.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        with atomic_path(Path(directory, "merges.txt")) as tmp:
+            tmp.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(directory, **settings)
