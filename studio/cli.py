@@ -22,6 +22,7 @@ TRAIN_FLAGS = {
     "te_lr": "text_encoder_lr",
     "text_encoder": "train_text_encoder",
     "targets": "unet_targets",
+    "clip_skip": "clip_skip",
     "resolution": "resolution",
     "batch_size": "batch_size",
     "grad_accum": "gradient_accumulation_steps",
@@ -55,6 +56,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--te-lr", type=float, help="text-encoder learning rate")
     p.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, help="also train the text encoder")
     p.add_argument("--targets", choices=["cross_attn", "attn", "kohya"], help="UNet modules to adapt")
+    p.add_argument(
+        "--clip-skip", type=int, help="SD 1.x/2.x text-encoder layer from the end: 1 = last (default), 2 = penultimate"
+    )
     p.add_argument("--resolution", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
@@ -219,6 +223,7 @@ def build_generate_request(args: argparse.Namespace):
         vae_slicing=args.vae_slicing,
         vae_tiling=args.vae_tiling,
         cpu_offload=args.cpu_offload,
+        clip_skip=args.clip_skip,
     )
 
 
@@ -348,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--sampler", default="Default", help="Default, Euler, Euler a, DPM++ 2M, DPM++ 2M Karras, DDIM, UniPC..."
     )
     g.add_argument("--batch", type=int, default=1)
+    g.add_argument(
+        "--clip-skip",
+        type=int,
+        default=1,
+        help="SD 1.x/2.x text-encoder layer from the end: 1 = last, 2 = penultimate (A1111's Clip skip)",
+    )
     g.add_argument(
         "--fuse",
         action=argparse.BooleanOptionalAction,

@@ -14,6 +14,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from studio import atomic
 from studio.compose import AdapterStack, load_adapter
+from studio.conditioning import check_clip_skip, check_clip_skip_value, prompt_arguments
 from studio.infotext import civitai_lora_name, format_infotext, lora_tag, parse_lora_tags
 from studio.models import BaseModel
 
@@ -78,6 +79,7 @@ class GenerationRequest:
     vae_slicing: bool = False  # decode a batch one image at a time
     vae_tiling: bool = False  # decode large images in overlapping tiles
     cpu_offload: bool = False  # keep each model on the CPU until it runs (needs a GPU)
+    clip_skip: int = 1  # SD 1.x/2.x: 1 = the text encoder's last layer, 2 = the penultimate (A1111's "Clip skip")
 
     def __post_init__(self):
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -99,6 +101,7 @@ class GenerationRequest:
             raise ValueError(f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
         if not isinstance(self.batch, int) or not 1 <= self.batch <= 16:
             raise ValueError(f"batch must be an integer from 1 to 16, got {self.batch!r}")
+        check_clip_skip_value(self.clip_skip)
 
 
 @dataclass
@@ -229,6 +232,7 @@ def generate(
     should_stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
     """Generate `request.batch` images; the stack is set to the request's adapters plus `<lora:...>` prompt tags."""
+    check_clip_skip(base.family, request.clip_skip)
     prompt_text, tags = parse_lora_tags(request.prompt)
     if not prompt_text:
         raise ValueError("prompt is empty once the <lora:...> tags are taken out")
@@ -256,8 +260,7 @@ def generate(
     )
     with _using_scheduler(pipe, request.sampler), fuse, memory as notes:
         output = pipe(
-            prompt_text,
-            negative_prompt=request.negative_prompt or None,
+            **prompt_arguments(base, prompt_text, request.negative_prompt, request.clip_skip),
             num_inference_steps=request.steps,
             guidance_scale=request.cfg,
             width=width,
@@ -300,6 +303,7 @@ def _infotext(
         "Size": f"{width}x{height}",
         "Model hash": base.extra.get("model_hash"),
         "Model": base.name,
+        "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
         "Lora hashes": ", ".join(f"{n}: {e.adapter.parsed.short_hash}" for n, e in active),
         "Version": VERSION,
     }

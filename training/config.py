@@ -11,6 +11,7 @@ from typing import Any
 import tomllib
 
 from studio import atomic
+from studio.conditioning import MAX_CLIP_SKIP
 from training.lora import TEXT_ENCODER_TARGET_PRESETS, UNET_TARGET_PRESETS, LoraSpec
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
@@ -44,6 +45,8 @@ class TrainConfig:
     unet_targets: str = "cross_attn"
     train_text_encoder: bool = True
     text_encoder_targets: str = "attn"
+    # text conditioning: 1 = the text encoder's last layer, 2 = the penultimate (A1111/kohya "clip skip"; SD 1.x/2.x)
+    clip_skip: int = 1
     # optimisation
     unet_lr: float = 1e-4
     text_encoder_lr: float = 5e-5
@@ -128,6 +131,7 @@ class TrainConfig:
             "text_encoder_targets",
             f"must be one of {list(TEXT_ENCODER_TARGET_PRESETS)}",
         )
+        need(1 <= self.clip_skip <= MAX_CLIP_SKIP, "clip_skip", f"must be from 1 (last layer) to {MAX_CLIP_SKIP}")
         need(self.unet_lr > 0, "unet_lr", "must be positive")
         need(self.text_encoder_lr >= 0, "text_encoder_lr", "must be zero or positive")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {list(OPTIMIZERS)}")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SIDECAR_SUFFIXES = (".txt", ".caption", ".json", ".toml", ".npz")
@@ -238,6 +238,38 @@ def crop_box(size: tuple[int, int], bucket: tuple[int, int], center: bool, rng: 
     return scaled, (left, top)
 
 
+@dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL's size and crop conditioning of one training image (Podell et al. 2023, arXiv:2307.01952, 2.2)."""
+
+    original_size: tuple[int, int]  # (height, width) of the source image
+    crop_top_left: tuple[int, int]  # (top, left) of the crop, in the resized image, as the image is finally seen
+    target_size: tuple[int, int]  # (height, width) trained at: the bucket
+
+    @property
+    def time_ids(self) -> tuple[int, int, int, int, int, int]:
+        """The six numbers SDXL's UNet takes as `time_ids`: original size, crop top-left, target size."""
+        return (*self.original_size, *self.crop_top_left, *self.target_size)
+
+
+def size_conditioning(
+    size: tuple[int, int], bucket: tuple[int, int], center: bool, flip: bool, rng: random.Random
+) -> SizeConditioning:
+    """What `image_to_tensor` does to an image of `size` (width, height), given an RNG in the same state as its own."""
+    scaled, (left, top) = crop_box(size, bucket, center, rng)
+    if flip:  # the crop's left edge as seen in the mirrored image
+        left = scaled[0] - bucket[0] - left
+    return SizeConditioning((size[1], size[0]), (top, left), (bucket[1], bucket[0]))
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file as `open_image` returns it (EXIF rotation applied), from its header."""
+    with Image.open(path) as image:
+        width, height = image.size
+        rotated = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+    return (height, width) if rotated else (width, height)
+
+
 def image_to_tensor(image: Image.Image, bucket: tuple[int, int], center: bool, flip: bool, rng: random.Random):
     """Resize-and-crop `image` to `bucket`, optionally mirrored; a CHW float tensor in [-1, 1]."""
     scaled, (left, top) = crop_box(image.size, bucket, center, rng)
@@ -259,6 +291,7 @@ class Sample:
     bucket: tuple[int, int]
     weight: float = 1.0
     is_class: bool = False
+    size: tuple[int, int] | None = None  # (width, height) of the source image; None: the bucket's
 
 
 def batch_schedule(samples: list[Sample], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

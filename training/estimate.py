@@ -23,7 +23,7 @@ from torch import nn
 
 from studio.models import BaseModel
 from training.config import TrainConfig
-from training.lora import LoraSpec, text_encoder_targets, unet_targets
+from training.lora import LoraSpec, text_encoder_targets, unet_targets, used_text_encoder_layers
 from training.trainer import Trainer, TrainPlan
 
 HEADER_BYTES = 16_384  # the JSON header with metadata, roughly
@@ -172,9 +172,10 @@ def lora_size(base: BaseModel, config: TrainConfig) -> LoraSize:
         count += _module_params(unet.get_submodule(path), spec.rank)
         modules["unet"] += 1
     if config.train_text_encoder:
+        used = used_text_encoder_layers(base.family, text_encoders, config.clip_skip)
         for index, te in enumerate(text_encoders):
             key = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
-            paths = text_encoder_targets(te, spec)
+            paths = text_encoder_targets(te, spec, used[index])
             modules[key] = len(paths)
             count += sum(_module_params(te.get_submodule(p), spec.rank) for p in paths)
     unet_total = sum(p.numel() for p in unet.parameters())

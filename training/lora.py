@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from studio.models import ModelFamily
+
 ADAPTER_NAME = "default"
 
 # UNet presets, matched against module paths inside a diffusers UNet2DConditionModel.
@@ -92,16 +94,53 @@ def unet_targets(unet: nn.Module, spec: LoraSpec) -> list[str]:
     return find_target_modules(unet, UNET_TARGET_PRESETS[spec.unet_targets])
 
 
-def text_encoder_targets(text_encoder: nn.Module, spec: LoraSpec) -> list[str]:
-    """The text-encoder module paths that `spec` adapts (empty when the text encoder is not trained)."""
+_ENCODER_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
+
+
+def text_encoder_targets(text_encoder: nn.Module, spec: LoraSpec, used_layers: int | None = None) -> list[str]:
+    """The text-encoder module paths that `spec` adapts (empty when the text encoder is not trained).
+
+    With `used_layers`, modules of the layers past the first `used_layers` are left out: their output is never
+    used (clip skip, SDXL's penultimate layer), so a LoRA there would never learn."""
     if spec.text_encoder_targets is None:
         return []
-    return find_target_modules(text_encoder, TEXT_ENCODER_TARGET_PRESETS[spec.text_encoder_targets])
+    names = find_target_modules(text_encoder, TEXT_ENCODER_TARGET_PRESETS[spec.text_encoder_targets])
+    if used_layers is None:
+        return names
+    return [name for name in names if not _beyond(name, used_layers)]
 
 
-def inject_lora(unet: nn.Module, text_encoders: list[nn.Module], spec: LoraSpec) -> dict[str, int]:
+def _beyond(module_path: str, used_layers: int) -> bool:
+    match = _ENCODER_LAYER.search(module_path)
+    return match is not None and int(match.group(1)) >= used_layers
+
+
+def used_text_encoder_layers(
+    family: ModelFamily, text_encoders: list[nn.Module], clip_skip: int = 1
+) -> list[int | None]:
+    """Per text encoder, how many of its layers the conditioning uses (None: all); LoRA on the rest never learns.
+
+    SD 1.x/2.x with clip skip N stop N - 1 layers early; SDXL uses the first encoder's penultimate layer only, and
+    all of the second (its pooled projection comes from the last layer)."""
+    used: list[int | None] = []
+    for index, text_encoder in enumerate(text_encoders):
+        layers = text_encoder.config.num_hidden_layers
+        if family.is_sdxl:
+            used.append(layers - 1 if index < len(family.text_encoder_attrs) - 1 else None)
+        else:
+            used.append(layers - (clip_skip - 1) if clip_skip > 1 else None)
+    return used
+
+
+def inject_lora(
+    unet: nn.Module,
+    text_encoders: list[nn.Module],
+    spec: LoraSpec,
+    text_encoder_layers: list[int | None] | None = None,
+) -> dict[str, int]:
     """Add a trainable LoRA adapter to the UNet (and text encoders if the spec says so); freeze the rest.
 
+    `text_encoder_layers` gives, per text encoder, how many of its layers the conditioning uses (None: all).
     Returns the number of adapted modules per component ("unet", "text_encoder", "text_encoder_2", ...).
     """
     targets = unet_targets(unet, spec)
@@ -112,7 +151,8 @@ def inject_lora(unet: nn.Module, text_encoders: list[nn.Module], spec: LoraSpec)
     counts = {"unet": len(targets)}
     for index, text_encoder in enumerate(text_encoders):
         text_encoder.requires_grad_(False)
-        te_targets = text_encoder_targets(text_encoder, spec)
+        used = text_encoder_layers[index] if text_encoder_layers else None
+        te_targets = text_encoder_targets(text_encoder, spec, used)
         if te_targets:
             text_encoder.add_adapter(_lora_config(spec, te_targets), adapter_name=ADAPTER_NAME)
         counts["text_encoder" if index == 0 else f"text_encoder_{index + 1}"] = len(te_targets)

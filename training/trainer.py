@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from studio import atomic
 from studio.adapters import kohya_state_dict, save_adapter, training_metadata
+from studio.conditioning import PromptEmbeddings, check_clip_skip, encode_prompts, prompt_arguments
 from studio.models import BaseModel, load_base
 from training.config import TrainConfig
 from training.data import (
@@ -28,13 +29,22 @@ from training.data import (
     Sample,
     assign_bucket,
     batch_schedule,
+    image_size,
     image_to_tensor,
     make_buckets,
     open_image,
     sample_rng,
     scan_dataset,
+    size_conditioning,
 )
-from training.lora import count_parameters, inject_lora, load_lora_state, lora_parameters, lora_state
+from training.lora import (
+    count_parameters,
+    inject_lora,
+    load_lora_state,
+    lora_parameters,
+    lora_state,
+    used_text_encoder_layers,
+)
 
 logger = logging.getLogger(__name__)
 STATE_FORMAT = 1
@@ -45,6 +55,7 @@ RESUME_INVARIANTS = (
     "unet_targets",
     "train_text_encoder",
     "text_encoder_targets",
+    "clip_skip",
     "seed",
     "batch_size",
     "gradient_accumulation_steps",
@@ -265,7 +276,7 @@ class Trainer:
             self._emit("class_images", message=f"generating class image {done + 1}/{len(missing)}")
             seed = cfg.seed * 100_003 + int(path.stem.split("_")[1])
             image = pipe(
-                cfg.class_prompt,
+                **prompt_arguments(base, cfg.class_prompt, clip_skip=cfg.clip_skip),
                 num_inference_steps=cfg.sample_steps,
                 guidance_scale=cfg.sample_cfg,
                 height=self.resolution,
@@ -303,6 +314,7 @@ class Trainer:
         self._emit("loading", message=f"loading base model {cfg.base}")
         base = self._base or load_base(cfg.base, torch_dtype=weight_dtype, device=device)
         pipe, family = base.pipeline, base.family
+        check_clip_skip(family, cfg.clip_skip)
         scheduler = pipe.scheduler
         from diffusers import DDPMScheduler
 
@@ -332,7 +344,9 @@ class Trainer:
             # the LoRA init draws from torch's global RNG: seed it here so nothing else in the process
             # (a UI thread building layers, a generation) can change the starting weights
             torch.manual_seed(cfg.seed)
-            module_counts = inject_lora(unet, trained_tes, cfg.lora_spec)
+            module_counts = inject_lora(
+                unet, trained_tes, cfg.lora_spec, used_text_encoder_layers(family, trained_tes, cfg.clip_skip)
+            )
         for te in text_encoders:
             if te not in trained_tes:
                 te.requires_grad_(False)
@@ -377,7 +391,7 @@ class Trainer:
             )
 
         text_cache = (
-            self._text_embedding_cache(samples, tokenizers, text_encoders, device)
+            self._text_embedding_cache(family, samples, tokenizers, text_encoders, device)
             if (not cfg.train_text_encoder and cfg.cache_text_embeddings)
             else None
         )
@@ -413,10 +427,14 @@ class Trainer:
             latents = latents * scaling
             captions = [samples[i].caption for i in batch]
             if text_cache is not None:
-                hidden = torch.stack([text_cache[c] for c in captions]).to(device)
+                text = stack_embeddings([text_cache[c] for c in captions], device)
             else:
                 with torch.set_grad_enabled(cfg.train_text_encoder):
-                    hidden = self._encode_text(captions, tokenizers[0], text_encoders[0], device)
+                    text = self._encode_text(family, captions, tokenizers, text_encoders, device)
+            added_cond = None
+            if family.is_sdxl:  # SDXL's pooled text embedding and size/crop conditioning (arXiv:2307.01952)
+                time_ids = self._time_ids(batch, flips, epoch, samples).to(device, weight_dtype)
+                added_cond = {"text_embeds": text.pooled.to(weight_dtype), "time_ids": time_ids}
 
             noise = torch.randn((count, *latents.shape[1:]), generator=noise_rng)[rows].to(device)
             if cfg.noise_offset:
@@ -428,7 +446,9 @@ class Trainer:
             target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
 
             with accelerator.autocast():
-                pred = unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype)).sample
+                pred = unet(
+                    noisy.to(weight_dtype), timesteps, text.hidden.to(weight_dtype), added_cond_kwargs=added_cond
+                ).sample
             per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
             if cfg.min_snr_gamma:
                 per_sample = per_sample * min_snr_weights(
@@ -576,7 +596,8 @@ class Trainer:
         source_of: list[int] = []
         for _ in range(cfg.repeats):
             for index, item in enumerate(report.items):
-                samples.append(Sample(item.path, item.caption, assign_bucket(item.width, item.height, buckets)))
+                bucket = assign_bucket(item.width, item.height, buckets)
+                samples.append(Sample(item.path, item.caption, bucket, size=(item.width, item.height)))
                 source_of.append(index)
         if class_paths:
             instance_count = len(samples)
@@ -589,6 +610,7 @@ class Trainer:
                         (self.resolution, self.resolution),
                         weight=cfg.prior_loss_weight,
                         is_class=True,
+                        size=image_size(class_paths[index]),
                     )
                 )
                 source_of.append(len(report.items) + index)
@@ -639,23 +661,33 @@ class Trainer:
         sample = mean + std * torch.randn((count, *mean.shape[1:]), generator=noise_rng)[rows]
         return sample.to(device)
 
-    def _encode_text(self, captions, tokenizer, text_encoder, device):
-        ids = tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        return text_encoder(ids)[0]
+    def _encode_text(self, family, captions, tokenizers, text_encoders, device) -> PromptEmbeddings:
+        """The captions' conditioning as the family's pipeline computes it at generation (with the clip skip)."""
+        return encode_prompts(family, tokenizers, text_encoders, captions, self.config.clip_skip, device)
 
-    def _text_embedding_cache(self, samples, tokenizers, text_encoders, device):
+    def _text_embedding_cache(self, family, samples, tokenizers, text_encoders, device) -> dict[str, PromptEmbeddings]:
+        """Each distinct caption's conditioning (hidden states, and SDXL's pooled embedding), on the CPU."""
         captions = sorted({s.caption for s in samples})
         cache = {}
         with torch.no_grad():
             for start in range(0, len(captions), 16):
                 chunk = captions[start : start + 16]
-                for caption, hidden in zip(
-                    chunk, self._encode_text(chunk, tokenizers[0], text_encoders[0], device), strict=True
-                ):
-                    cache[caption] = hidden.cpu()
+                text = self._encode_text(family, chunk, tokenizers, text_encoders, device)
+                for row, caption in enumerate(chunk):
+                    pooled = text.pooled[row].cpu() if text.pooled is not None else None
+                    cache[caption] = PromptEmbeddings(text.hidden[row].cpu(), pooled)
         return cache
+
+    def _time_ids(self, batch, flips, epoch, samples) -> torch.Tensor:
+        """SDXL `time_ids` rows of `batch`: what the resize-and-crop did to each image (its pixels' draws)."""
+        cfg = self.config
+        rows = []
+        for index, flip in zip(batch, flips, strict=True):
+            sample = samples[index]
+            size = sample.size or sample.bucket
+            rng = sample_rng(cfg.seed, epoch, index)
+            rows.append(size_conditioning(size, sample.bucket, cfg.center_crop, flip, rng).time_ids)
+        return torch.tensor(rows, dtype=torch.float32)
 
     def _make_optimizer(self, unet, trained_tes):
         cfg = self.config
@@ -713,7 +745,7 @@ class Trainer:
             "prior_loss_weight": cfg.prior_loss_weight,
             "mixed_precision": cfg.mixed_precision,
             "sd_model_name": base.name,
-            "clip_skip": "None",
+            "clip_skip": "None" if base.family.is_sdxl else str(cfg.clip_skip),
             "enable_bucket": str(cfg.enable_bucket),
             "bucket_info": json.dumps({"buckets": self._bucket_counts}),
             "training_comment": "trained with lora-style-studio",
@@ -750,7 +782,7 @@ class Trainer:
         try:
             for index, prompt in enumerate(cfg.sample_prompts):
                 image = base.pipeline(
-                    prompt,
+                    **prompt_arguments(base, prompt, clip_skip=cfg.clip_skip),
                     num_inference_steps=cfg.sample_steps,
                     guidance_scale=cfg.sample_cfg,
                     height=self.resolution,
@@ -834,7 +866,8 @@ class Trainer:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"checkpoint {folder} has an unknown state format {state.get('format')!r}")
         saved = state["config"]
-        changed = [k for k in RESUME_INVARIANTS if saved.get(k) != getattr(self.config, k)]
+        defaults = TrainConfig().to_dict()  # options added since the checkpoint was written had their default
+        changed = [k for k in RESUME_INVARIANTS if saved.get(k, defaults[k]) != getattr(self.config, k)]
         if changed:
             raise ValueError(f"cannot resume {folder}: these options differ from the checkpoint: {', '.join(changed)}")
         return state
@@ -884,6 +917,13 @@ def _glibc():
         return ctypes.CDLL("libc.so.6")
     except OSError:
         return None
+
+
+def stack_embeddings(cached: list[PromptEmbeddings], device: torch.device) -> PromptEmbeddings:
+    """One batch of conditioning from per-caption cache entries."""
+    hidden = torch.stack([entry.hidden for entry in cached]).to(device)
+    pooled = torch.stack([entry.pooled for entry in cached]).to(device) if cached[0].pooled is not None else None
+    return PromptEmbeddings(hidden, pooled)
 
 
 def set_attention(unet, sdpa: bool = True) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
+from studio.conditioning import MAX_CLIP_SKIP
 from studio.generate import MEMORY_MODES, SAMPLERS, GenerationRequest, LoraRequest, generate
 from studio.library import Workspace
 from studio.ui.common import ModelCache, real_number, reports_errors, whole_number
@@ -48,9 +49,9 @@ def stack_requests(slot_values: list[Any]) -> list[LoraRequest]:
     return requests
 
 
-def build_request(*args: Any, memory: Sequence[bool] = (False, False, False)) -> GenerationRequest:
+def build_request(*args: Any, memory: Sequence[bool] = (False, False, False), clip_skip: Any = 1) -> GenerationRequest:
     """A GenerationRequest from the tab's settings (SETTINGS order) followed by the stack rows; `memory` holds the
-    Memory checkboxes in MEMORY_MODES order."""
+    Memory checkboxes in MEMORY_MODES order, `clip_skip` the Clip skip box."""
     v = dict(zip(SETTINGS, args[: len(SETTINGS)], strict=True))
     seed = -1 if v["seed_mode"] == "random" else whole_number(v["seed"], "seed", 0, 2**32 - 1)
     return GenerationRequest(
@@ -65,6 +66,7 @@ def build_request(*args: Any, memory: Sequence[bool] = (False, False, False)) ->
         batch=whole_number(v["batch"], "batch count", 1, 16),
         loras=stack_requests(list(args[len(SETTINGS) :])),
         **{name: bool(on) for name, on in zip(MEMORY_MODES, memory, strict=True)},
+        clip_skip=whole_number(clip_skip, "clip skip", 1, MAX_CLIP_SKIP),
     )
 
 
@@ -81,10 +83,15 @@ def read_infotext(path: str | Path) -> str:
 
 @reports_errors(outputs=4, status=3)
 def run(
-    models: ModelCache, workspace: Workspace, base: str, *args: Any, memory: Sequence[bool] = (False, False, False)
+    models: ModelCache,
+    workspace: Workspace,
+    base: str,
+    *args: Any,
+    memory: Sequence[bool] = (False, False, False),
+    clip_skip: Any = 1,
 ) -> tuple:
     """Generate; (gallery items, saved paths, infotext of the first image, status)."""
-    request = build_request(*args, memory=memory)
+    request = build_request(*args, memory=memory, clip_skip=clip_skip)
     out_dir = workspace.outputs_dir / dt.date.today().isoformat()
     with models.lock:
         model = models.get(base)
@@ -133,6 +140,14 @@ def build(workspace: Workspace, models: ModelCache, base_box: gr.Textbox) -> dic
         s["width"] = gr.Number(label="Width (0: model's native)", value=0, precision=0, elem_id="gen-width")
         s["height"] = gr.Number(label="Height (0: model's native)", value=0, precision=0, elem_id="gen-height")
         s["batch"] = gr.Number(label="Batch count", value=1, precision=0, elem_id="gen-batch")
+        clip_skip = gr.Number(
+            label="Clip skip (SD 1.x/2.x; 2: penultimate layer)",
+            value=1,
+            precision=0,
+            minimum=1,
+            maximum=MAX_CLIP_SKIP,
+            elem_id="gen-clip-skip",
+        )
     slots: list[dict[str, gr.components.Component]] = []
     rows = []
     shown = gr.State(1)
@@ -179,9 +194,10 @@ def build(workspace: Workspace, models: ModelCache, base_box: gr.Textbox) -> dic
             preview = gr.Button("Set selected image as the adapter's preview", elem_id="gen-set-preview")
 
     stack_inputs = [slot[f] for slot in slots for f in SLOT_FIELDS]
-    inputs = [base_box, *(s[f] for f in SETTINGS), *stack_inputs, *memory]
+    inputs = [base_box, *(s[f] for f in SETTINGS), *stack_inputs, *memory, clip_skip]
+    extra = len(memory) + 1  # the Memory checkboxes, then the Clip skip box
     go.click(
-        lambda *v: run(models, workspace, *v[: -len(memory)], memory=v[-len(memory) :]),
+        lambda *v: run(models, workspace, *v[:-extra], memory=v[-extra:-1], clip_skip=v[-1]),
         inputs,
         [gallery, paths, info, status],
     ).then(lambda: "", None, selected)

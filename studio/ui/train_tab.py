@@ -8,6 +8,7 @@ from typing import Any
 
 import gradio as gr
 
+from studio.conditioning import MAX_CLIP_SKIP
 from studio.jobs import JobRunner, TrainingJob
 from studio.library import Workspace, safe_name
 from studio.ui.common import ModelCache, real_number, reports_errors, whole_number
@@ -28,6 +29,7 @@ FIELDS = (
     "resolution",
     "batch_size",
     "train_te",
+    "clip_skip",
     "prior",
     "class_prompt",
     "class_images",
@@ -64,6 +66,7 @@ def default_values(**overrides: Any) -> dict[str, Any]:
         "preset": "style",
         **preset_values("style"),
         "resolution": 0,
+        "clip_skip": 1,
         "prior": False,
         "class_prompt": "",
         "class_images": 0,
@@ -116,6 +119,7 @@ def build_config(workspace: Workspace, base: str, *args: Any) -> TrainConfig:
         resolution=whole_number(v["resolution"], "resolution", 0, 4096),
         batch_size=whole_number(v["batch_size"], "batch size", 1, 256),
         train_text_encoder=bool(v["train_te"]),
+        clip_skip=whole_number(v["clip_skip"], "clip skip", 1, MAX_CLIP_SKIP),
         prior_preservation=bool(v["prior"]),
         class_prompt=(v["class_prompt"] or "").strip(),
         num_class_images=whole_number(v["class_images"], "class images", 0),
@@ -244,6 +248,14 @@ def build(runner: JobRunner, workspace: Workspace, models: ModelCache, base_box:
         c["unet_lr"] = gr.Number(label="UNet learning rate", value=d["unet_lr"])
         c["te_lr"] = gr.Number(label="Text-encoder learning rate", value=d["te_lr"])
         c["train_te"] = gr.Checkbox(label="Train text encoder", value=d["train_te"])
+        c["clip_skip"] = gr.Number(
+            label="Clip skip (SD 1.x/2.x; 2: penultimate layer)",
+            value=d["clip_skip"],
+            precision=0,
+            minimum=1,
+            maximum=MAX_CLIP_SKIP,
+            elem_id="train-clip-skip",
+        )
         c["seed"] = gr.Number(label="Seed", value=d["seed"], precision=0)
         c["checkpoint_every"] = gr.Number(
             label="Checkpoint every N steps (0: off)", value=d["checkpoint_every"], precision=0, elem_id="train-ckpt"
