@@ -23,6 +23,7 @@ TRAIN_FLAGS = {
     "text_encoder": "train_text_encoder",
     "targets": "unet_targets",
     "clip_skip": "clip_skip",
+    "prediction_type": "prediction_type",
     "resolution": "resolution",
     "batch_size": "batch_size",
     "grad_accum": "gradient_accumulation_steps",
@@ -58,6 +59,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--targets", choices=["cross_attn", "attn", "kohya"], help="UNet modules to adapt")
     p.add_argument(
         "--clip-skip", type=int, help="SD 1.x/2.x text-encoder layer from the end: 1 = last (default), 2 = penultimate"
+    )
+    p.add_argument(
+        "--prediction-type",
+        choices=["epsilon", "v_prediction"],
+        help="for SD 2.x single files, which do not say: epsilon (512 base) or v_prediction (768-v)",
     )
     p.add_argument("--resolution", type=int)
     p.add_argument("--batch-size", type=int)
@@ -243,7 +249,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             return library.adapter_path(name)
         raise ValueError(f"unknown adapter {name!r} in the prompt: pass it with --lora or put it in the library")
 
-    base = load_base(args.base)
+    base = load_base(args.base, prediction_type=args.prediction_type)
     result = generate(base, request, resolver=resolve, out_dir=args.out)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -341,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--title", help="new title stored in the file")
     g = sub.add_parser("generate", help="generate images, optionally with adapters")
     g.add_argument("--base", default="demo", help="base model")
+    g.add_argument(
+        "--prediction-type",
+        choices=["epsilon", "v_prediction"],
+        help="for SD 2.x single files, which do not say: epsilon (512 base) or v_prediction (768-v)",
+    )
     g.add_argument("--prompt", required=True, help="prompt; may contain <lora:name:w> tags")
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--lora", action="append", help="FILE[:W[:UNET_W]] adapter (repeatable)")

@@ -87,6 +87,17 @@ def test_save_config_writes_a_reusable_toml(tmp_path):
     assert build_train_config(args).rank == 2
 
 
+def test_prediction_type_for_sd2_single_files_reaches_the_config_and_is_checked(tmp_path):
+    args = build_parser().parse_args(["train", "--prediction-type", "epsilon", "--clip-skip", "2"])
+    built = build_train_config(args)
+    assert (built.prediction_type, built.clip_skip) == ("epsilon", 2)
+    assert build_train_config(build_parser().parse_args(["train"])).prediction_type == ""
+    with pytest.raises(ValueError, match="prediction_type"):
+        built.replace(prediction_type="sample")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--prompt", "x", "--prediction-type", "v"])
+
+
 @pytest.mark.parametrize("argv", [["train", "--steps", "x"], ["export"]])
 def test_argument_errors_exit_with_usage(argv):
     with pytest.raises(SystemExit):

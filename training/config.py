@@ -33,6 +33,8 @@ class TrainConfig:
 
     # what to train on
     base: str = "demo"
+    # SD 2.x single files do not say 512/epsilon or 768/v-prediction: "" = decide from metadata / .yaml / default
+    prediction_type: str = ""
     data_dir: str = ""
     output: str = ""
     trigger: str = "sks"
@@ -130,6 +132,11 @@ class TrainConfig:
             self.text_encoder_targets in TEXT_ENCODER_TARGET_PRESETS,
             "text_encoder_targets",
             f"must be one of {list(TEXT_ENCODER_TARGET_PRESETS)}",
+        )
+        need(
+            self.prediction_type in ("", "epsilon", "v_prediction"),
+            "prediction_type",
+            "must be empty (decide from the checkpoint), 'epsilon' or 'v_prediction'",
         )
         need(1 <= self.clip_skip <= MAX_CLIP_SKIP, "clip_skip", f"must be from 1 (last layer) to {MAX_CLIP_SKIP}")
         need(self.unet_lr > 0, "unet_lr", "must be positive")

@@ -312,7 +312,9 @@ class Trainer:
         set_seed(cfg.seed)
 
         self._emit("loading", message=f"loading base model {cfg.base}")
-        base = self._base or load_base(cfg.base, torch_dtype=weight_dtype, device=device)
+        base = self._base or load_base(
+            cfg.base, torch_dtype=weight_dtype, device=device, prediction_type=cfg.prediction_type or None
+        )
         pipe, family = base.pipeline, base.family
         check_clip_skip(family, cfg.clip_skip)
         scheduler = pipe.scheduler
