@@ -59,10 +59,8 @@ def _fn_index(app, elem_id: str, side: str = "outputs") -> int:
     return found[0]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    """The studio served with auth on a free port, a 1 MB upload limit and a queue of 2; torn down after."""
-    root = tmp_path_factory.mktemp("server")
+def _serve(tiny_model_dir, root, queue_size: int):
+    """The studio served with auth on a free port and a 1 MB upload limit, with two adapters and a dataset."""
     workspace = Workspace(root / "ws")
     write_style_images(workspace.dataset_dir("inky"), count=4)
     make_adapter(tiny_model_dir, workspace.adapter_path("a"), seed=1, rank=2, targets="attn")
@@ -74,15 +72,30 @@ def server(tiny_model_dir, tmp_path_factory):
         base=str(tiny_model_dir),
         auth=f"{USER}:{PASSWORD}",
         max_upload_mb=1,
-        queue_size=QUEUE,
+        queue_size=queue_size,
         block=False,
         runner=runner,
         models=models,
     )
-    yield SimpleNamespace(
+    return SimpleNamespace(
         url=app.local_url, app=app, ws=workspace, runner=runner, models=models, root=root, base=str(tiny_model_dir)
     )
-    app.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    """The studio with a queue of 2 (to show the bound); torn down after."""
+    served = _serve(tiny_model_dir, tmp_path_factory.mktemp("server"), QUEUE)
+    yield served
+    served.app.close()
+
+
+@pytest.fixture(scope="module")
+def roomy_server(tiny_model_dir, tmp_path_factory):
+    """The studio with the default queue (32): several sessions at once must all be served, never refused."""
+    served = _serve(tiny_model_dir, tmp_path_factory.mktemp("roomy_server"), 32)
+    yield served
+    served.app.close()
 
 
 def _client(server, tmp_path) -> Client:
@@ -257,7 +270,8 @@ SESSIONS = [
 ]
 
 
-def test_sessions_generate_while_training_runs_without_disturbing_it_or_each_other(server, tmp_path):
+def test_sessions_generate_while_training_runs_without_disturbing_it_or_each_other(roomy_server, tmp_path):
+    server = roomy_server
     config = TrainConfig(
         base=server.base,
         data_dir=str(server.ws.dataset_dir("inky")),
