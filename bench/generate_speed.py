@@ -177,8 +177,8 @@ def main() -> None:
     """Benchmark each model, print the JSON."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="demo,sd15")
-    parser.add_argument("--repeats", type=int, default=10, help="rounds on the demo model")
-    parser.add_argument("--sd15-repeats", type=int, default=4, help="rounds on the SD1.5-shaped model")
+    parser.add_argument("--repeats", type=int, default=6, help="rounds on the demo model")
+    parser.add_argument("--sd15-repeats", type=int, default=3, help="rounds on the SD1.5-shaped model")
     parser.add_argument("--switches", type=int, default=12, help="stack switches timed (a third on SD1.5)")
     args = parser.parse_args()
     started = time.time()

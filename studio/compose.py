@@ -325,8 +325,14 @@ class AdapterStack:
         return getattr(self.base.pipeline, component)
 
     def _base_layer(self, component: str, path: str) -> nn.Module:
-        module = self._component(component).get_submodule(path)
-        return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        # PEFT wraps a layer but keeps the original as its base layer, so the original can be remembered
+        layers = self.base.extra.setdefault("base_layers", {})
+        layer = layers.get((component, path))
+        if layer is None:
+            module = self._component(component).get_submodule(path)
+            layer = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+            layers[(component, path)] = layer
+        return layer
 
     def _install(self, slot: str, adapter: MatchedAdapter) -> None:
         """Add PEFT layers for `adapter` to each component it touches; on any failure remove them all again."""
