@@ -1,7 +1,7 @@
 """Composition at zero cost? Generation time with 0, 1 and 3 adapters (fused and unfused), stack switch time,
 adapter load time.
 
-    python bench/generate_speed.py [--models demo,sd15] [--repeats 10] [--sd15-repeats 4] [--switches 12]
+    python bench/generate_speed.py [--models demo,sd15] [--repeats 6] [--sd15-repeats 3] [--switches 12]
 
 Adapters: kohya's LierLa targets (every attention, feed-forward and projection layer of the UNet, attention and
 MLP of the text encoder), rank 16, random non-zero up-matrices, written as kohya files. Generations go through
