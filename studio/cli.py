@@ -301,9 +301,11 @@ def _run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_ui(args: argparse.Namespace) -> int:
-    from studio.ui.app import launch
+def run_ui(args: argparse.Namespace) -> int:
+    """Serve the web UI with the parsed server flags (`studio ui` and launch.py); a bad --auth is a ValueError."""
+    from studio.ui.app import launch, parse_auth
 
+    parse_auth(args.auth)
     launch(
         host=args.host,
         port=args.port,
@@ -407,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": _run_generate,
         "inspect": _run_inspect,
         "merge": _run_merge,
-        "ui": _run_ui,
+        "ui": run_ui,
     }
     try:
         return handlers[args.command](args)
