@@ -29,15 +29,28 @@ WHOLE_READ_BYTES = 256 << 20  # adapters up to this size are read in one piece (
 
 def sgm_module_path(unet_config: Mapping[str, Any], module_path: str) -> str | None:
     """The SGM/LDM path of a UNet module given by its diffusers path (input_blocks.4.1...), or None if it has none."""
-    key = _unet_layout(json.dumps(dict(unet_config), sort_keys=True, default=str)).ldm_key(module_path + ".weight")
+    layers = unet_config["layers_per_block"]
+    layout = _unet_layout(
+        len(unet_config["block_out_channels"]),
+        layers if isinstance(layers, int) else tuple(layers),
+        tuple(unet_config["up_block_types"]),
+    )
+    key = layout.ldm_key(module_path + ".weight")
     return key[: -len(".weight")] if key is not None else None
 
 
 @lru_cache(maxsize=8)
-def _unet_layout(config_json: str):
+def _unet_layout(blocks: int, layers_per_block: int | tuple[int, ...], up_block_types: tuple[str, ...]):
+    """The block layout (all it depends on: block count, layers per block, up-block types), built once per shape."""
     from studio.convert import _UnetLayout
 
-    return _UnetLayout(json.loads(config_json))
+    return _UnetLayout(
+        {
+            "block_out_channels": [0] * blocks,
+            "layers_per_block": layers_per_block,
+            "up_block_types": list(up_block_types),
+        }
+    )
 
 
 def kohya_unet_name(family: ModelFamily, module_path: str, unet_config: Mapping[str, Any] | None = None) -> str:
@@ -55,9 +68,7 @@ def kohya_unet_name(family: ModelFamily, module_path: str, unet_config: Mapping[
 def kohya_te_name(family: ModelFamily, index: int, module_path: str) -> str:
     """The kohya module name of a module of text encoder `index`, whatever transformers' nesting."""
     root = family.kohya_te_roots[index] if index < len(family.kohya_te_roots) else family.kohya_te_roots[0]
-    if not module_path.startswith(root):
-        module_path = root + module_path
-    return family.kohya_te_prefix(index) + module_path.replace(".", "_")
+    return te_kohya_name(family.kohya_te_prefix(index), module_path, root)
 
 
 def _peft_modules(model: torch.nn.Module, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
@@ -364,10 +375,10 @@ class ParsedAdapter:
         return out
 
 
-def te_kohya_name(prefix: str, path: str) -> str:
+def te_kohya_name(prefix: str, path: str, root: str = "text_model.") -> str:
     """A text-encoder module's kohya name under `prefix`, with the `text_model.` level kohya expects."""
-    if not path.startswith("text_model."):
-        path = "text_model." + path
+    if not path.startswith(root):
+        path = root + path
     return prefix + path.replace(".", "_")
 
 

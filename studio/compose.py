@@ -16,7 +16,6 @@ from studio.adapters import (
     LoraModule,
     ParsedAdapter,
     kohya_te_name,
-    kohya_unet_name,
     parse_adapter,
     sgm_module_path,
     te_kohya_name,
@@ -59,13 +58,14 @@ def module_lookup(base: BaseModel) -> dict[str, tuple[str, str, nn.Module]]:
     for path, module in _adaptable_modules(base.unet):
         found = ("unet", path, module)
         sgm_path = sgm_module_path(config, path)
-        if family.kohya_unet_naming == "sgm" and sgm_path is None:
-            continue  # no kohya name exists for it, so no file can address it
-        table[kohya_unet_name(family, path, config)] = found
-        # Files in the wild also name UNet modules the other way (diffusers-format SDXL files, LDM-named SD1 files).
-        aliases["lora_unet_" + path.replace(".", "_")] = found
+        names = {"diffusers": "lora_unet_" + path.replace(".", "_")}
         if sgm_path is not None:
-            aliases["lora_unet_" + sgm_path.replace(".", "_")] = found
+            names["sgm"] = "lora_unet_" + sgm_path.replace(".", "_")
+        if family.kohya_unet_naming not in names:
+            continue  # no kohya name exists for it, so no file can address it
+        table[names.pop(family.kohya_unet_naming)] = found
+        # Files in the wild also name UNet modules the other way (diffusers-format SDXL files, LDM-named SD1 files).
+        aliases.update(dict.fromkeys(names.values(), found))
     for index, attr in enumerate(family.text_encoder_attrs):
         for path, module in _adaptable_modules(getattr(base.pipeline, attr)):
             found = (attr, path, module)
