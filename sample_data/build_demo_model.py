@@ -4,11 +4,16 @@
 
 Stages (each cached in sample_data/.build so a stage can be re-run alone with --from STAGE):
   data       pools of images: a broad procedural corpus for the autoencoder, plain shapes-world scenes for the UNet
-  vae        an AutoencoderKL (f=4, 8 latent channels) trained on 32x32 crops of the broad corpus
+  vae        an AutoencoderKL (f=4, 16 latent channels) trained on 32x32 crops of the broad corpus; each latent
+             channel is then normalised to mean 0 / std 1 inside the weights (scaling_factor 1.0)
   latents    the plain scenes encoded once (the UNet trains on cached latents)
   unet       a CLIPTextModel (with a real CLIPTokenizer over a small word vocabulary) and a UNet2DConditionModel
-             trained together from scratch with classifier-free-guidance dropout, min-SNR weighting and EMA
+             trained together from scratch with classifier-free-guidance dropout, min-SNR weighting and EMA,
+             after a short pretraining of the text encoder to read each caption's color, shape and background;
+             a share of the prompts carry made-up words (like the trigger words users pick) that the models
+             learn to pass over, so a trigger word on the base model does not derail the prompt
   save       the diffusers folder sample_data/demo_model (loads with StableDiffusionPipeline.from_pretrained)
+Step counts are fixed (not time budgets), so the build gives the same model on any machine.
 The evaluator and the measurements live in sample_data/evaluate_demo.py.
 """
 
@@ -141,7 +146,7 @@ VAE_CONFIG = dict(
     up_block_types=["UpDecoderBlock2D"] * 3,
     block_out_channels=[32, 64, 64],
     layers_per_block=1,
-    latent_channels=8,
+    latent_channels=16,
     norm_num_groups=16,
     mid_block_add_attention=False,
     sample_size=64,
@@ -155,26 +160,25 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
-def stage_vae(minutes: float, batch_size: int = 16, lr: float = 2e-3) -> None:
-    """Train the autoencoder on the broad corpus for `minutes`; record its scaling factor."""
+def stage_vae(steps: int, batch_size: int = 16, lr: float = 1e-3) -> None:
+    """Train the autoencoder on the broad corpus for `steps`; record its scaling factor."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(SEED)
     corpus = np.load(BUILD / "vae_corpus.npy")
     held_out, train = corpus[:256], corpus[256:]
     vae = AutoencoderKL(**VAE_CONFIG)
+    with torch.no_grad():
+        # start with a near-deterministic posterior: at log-variance 0 the sampling noise (std 1) drowns the
+        # fresh encoder's small means, and the decoder spends thousands of steps learning to see through it
+        vae.quant_conv.bias[VAE_CONFIG["latent_channels"] :] = -8.0
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(SEED)
-    deadline, step, started = time.time() + minutes * 60, 0, time.time()
-    total_estimate = None
-    while time.time() < deadline:
-        if step == 20:
-            per_step = (time.time() - started) / 20
-            total_estimate = int(minutes * 60 / per_step)
-        if total_estimate:
-            progress = min(1.0, step / total_estimate)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * min(1.0, step / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    started = time.time()
+    for step in range(steps):
+        progress = step / steps
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
         index = torch.randint(0, len(train), (batch_size,), generator=generator).numpy()
         top, left = (int(v) for v in torch.randint(0, 64 - CROP + 1, (2,), generator=generator))
         x = _augment(to_tensor(train[index])[:, :, top : top + CROP, left : left + CROP], generator)
@@ -186,23 +190,39 @@ def stage_vae(minutes: float, batch_size: int = 16, lr: float = 2e-3) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
-        step += 1
-        if step % 500 == 0:
-            log(f"vae step {step}: loss {loss.item():.4f}")
+        if (step + 1) % 500 == 0:
+            per_step = (time.time() - started) / (step + 1)
+            log(f"vae step {step + 1}/{steps}: loss {loss.item():.4f} ({per_step:.2f} s/step)")
     vae.eval()
     with torch.no_grad():
+        plain = to_tensor(np.load(BUILD / "scenes.npy")[:2048])
+        normalise_latent_channels(vae, vae.encode(plain).latent_dist.mean)
         x = to_tensor(held_out)
-        latents = vae.encode(x).latent_dist.mode()
-        quality = psnr(vae.decode(latents).sample, x)
-        scaling = 1.0 / latents.std().item()
+        quality = psnr(vae.decode(vae.encode(x).latent_dist.mode()).sample, x)
         styled = to_tensor(np.stack([to_array(render(s)) for st in ("ink", "halftone") for s in scenes(5, 60, st)]))
         style_quality = psnr(vae.decode(vae.encode(styled).latent_dist.mode()).sample, styled)
-    vae.register_to_config(scaling_factor=scaling)
     vae.save_pretrained(BUILD / "vae")
-    log(
-        f"vae: {step} steps, held-out PSNR {quality:.2f} dB, style-set PSNR {style_quality:.2f} dB, "
-        f"scaling factor {scaling:.4f}"
-    )
+    log(f"vae: {steps} steps, held-out PSNR {quality:.2f} dB, style-set PSNR {style_quality:.2f} dB")
+
+
+def normalise_latent_channels(vae, means: torch.Tensor) -> None:
+    """Fold a per-channel shift and scale into the autoencoder so every latent channel has mean 0 and std 1.
+
+    One global scaling factor leaves channels of very different spread, and the diffusion loss then under-weights
+    the narrow ones (SD3/Flux keep per-channel statistics for this). StableDiffusionPipeline only knows a single
+    scaling_factor, so the normalisation goes into the weights instead: quant_conv's mean (and log-variance) outputs
+    are shifted and scaled, post_quant_conv undoes it on its input. Reconstructions are unchanged.
+    """
+    channels = means.shape[1]
+    mu = means.mean(dim=(0, 2, 3))
+    sigma = means.std(dim=(0, 2, 3)).clamp_min(1e-4)
+    quant, post = vae.quant_conv, vae.post_quant_conv
+    quant.weight[:channels] /= sigma[:, None, None, None]
+    quant.bias[:channels] = (quant.bias[:channels] - mu) / sigma
+    quant.bias[channels:] -= 2 * torch.log(sigma)
+    post.bias += (post.weight[:, :, 0, 0] * mu[None, :]).sum(dim=1)
+    post.weight *= sigma[None, :, None, None]
+    vae.register_to_config(scaling_factor=1.0)
 
 
 # --------------------------------------------------------------------------------------------- stage: latents
@@ -236,8 +256,8 @@ TEXT_CONFIG = dict(
 )
 UNET_CONFIG = dict(
     sample_size=16,
-    in_channels=8,
-    out_channels=8,
+    in_channels=VAE_CONFIG["latent_channels"],
+    out_channels=VAE_CONFIG["latent_channels"],
     layers_per_block=1,
     block_out_channels=[64, 96, 128],
     down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
@@ -258,7 +278,68 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-def stage_unet(minutes: float, batch_size: int = 32, lr: float = 5e-4, cfg_dropout: float = 0.1) -> None:
+def made_up_word(rng: random.Random) -> str:
+    """A random word outside the vocabulary, the kind of rare token users pick as a trigger ("sks", "ohwx")."""
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 6)))
+
+
+def with_made_up_words(prompt: str, rng: random.Random) -> str:
+    """The prompt with one or two made-up words in front, the way trigger words are written ("sks, a ...")."""
+    words = " ".join(made_up_word(rng) for _ in range(rng.choice([1, 1, 2])))
+    return f"{words}{rng.choice([',', ',', ''])} {prompt}"
+
+
+def caption_labels(prompts: list[str]) -> torch.Tensor:
+    """(color, shape, background) class indices of each caption 'a {color} {shape} on a {background} background'."""
+    colors = list(COLORS)
+    rows = []
+    for prompt in prompts:
+        words = prompt.split()
+        rows.append((colors.index(words[1]), SHAPES.index(words[2]), colors.index(words[5])))
+    return torch.tensor(rows)
+
+
+class CaptionProbe(torch.nn.Module):
+    """Linear heads reading a caption's color, shape and background from the text encoder's pooled output."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(width, n) for n in (len(COLORS), len(SHAPES), len(COLORS))])
+
+    def loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the three heads."""
+        return sum(F.cross_entropy(head(pooled), labels[:, k]) for k, head in enumerate(self.heads)) / 3
+
+
+def pretrain_text_encoder(text_encoder, probe: CaptionProbe, ids: torch.Tensor, labels: torch.Tensor, steps: int):
+    """Teach the fresh text encoder what a caption says before the UNet listens to it.
+
+    Stable Diffusion starts from a pretrained CLIP text encoder; ours starts from nothing, and learning the
+    caption's structure only through the denoising loss is slow (the same color word names the shape in one
+    place and the background in another). A few hundred steps of reading the three attributes off the pooled
+    output (the captions with and without made-up words) give the UNet informative tokens from its first step.
+    """
+    optimizer = torch.optim.AdamW([*text_encoder.parameters(), *probe.parameters()], lr=1e-3, weight_decay=1e-2)
+    generator = torch.Generator().manual_seed(SEED + 5)
+    flat_ids, flat_labels = ids.flatten(0, 1), labels.repeat(ids.shape[0], 1)
+    for step in range(steps):
+        index = torch.randint(0, len(flat_ids), (256,), generator=generator)
+        loss = probe.loss(text_encoder(flat_ids[index]).pooler_output, flat_labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % 100 == 0:
+            log(f"text encoder pretraining step {step + 1}/{steps}: loss {loss.item():.4f}")
+
+
+def stage_unet(
+    steps: int,
+    batch_size: int = 24,
+    lr: float = 6e-4,
+    cfg_dropout: float = 0.1,
+    made_up_share: float = 0.3,
+    probe_weight: float = 0.1,
+) -> None:
     """Train text encoder and UNet together on cached latents; keep an EMA of both."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -281,27 +362,28 @@ def stage_unet(minutes: float, batch_size: int = 32, lr: float = 5e-4, cfg_dropo
     scaling = vae_config["scaling_factor"]
     params = torch.load(BUILD / "scene_latents.pt")
     prompts = json.loads((BUILD / "scenes.json").read_text())
+    rng = random.Random(SEED)
+    variants = [with_made_up_words(p, rng) if rng.random() < made_up_share else p for p in prompts * 2]
     ids = tokenizer(
-        prompts + [""], padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+        variants + [""], padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
     ).input_ids
     empty = ids[-1]
-    ids = ids[:-1]
+    ids = ids[:-1].view(2, len(prompts), -1)
+    labels = caption_labels(prompts)
+    probe = CaptionProbe(TEXT_CONFIG["hidden_size"])
+    pretrain_text_encoder(text_encoder, probe, ids, labels, steps=300)
     models = torch.nn.ModuleList([unet, text_encoder])
     unet_count = sum(p.numel() for p in unet.parameters()) / 1e6
     text_count = sum(p.numel() for p in text_encoder.parameters()) / 1e6
     log(f"unet {unet_count:.2f}M parameters, text encoder {text_count:.2f}M")
     ema = [p.detach().clone() for p in models.parameters()]
-    optimizer = torch.optim.AdamW(models.parameters(), lr=lr, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW([*models.parameters(), *probe.parameters()], lr=lr, weight_decay=1e-2)
     generator = torch.Generator().manual_seed(SEED)
     alphas = scheduler.alphas_cumprod
-    deadline, step, started = time.time() + minutes * 60, 0, time.time()
-    total_estimate, losses = None, []
+    started, losses = time.time(), []
     warmup = 200
-    while time.time() < deadline:
-        if step == 30:
-            total_estimate = int(minutes * 60 / ((time.time() - started) / 30))
-            log(f"about {total_estimate} steps fit in {minutes} minutes")
-        progress = min(1.0, step / total_estimate) if total_estimate else 0.0
+    for step in range(steps):
+        progress = step / steps
         factor = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in optimizer.param_groups:
             group["lr"] = lr * factor
@@ -310,17 +392,21 @@ def stage_unet(minutes: float, batch_size: int = 32, lr: float = 5e-4, cfg_dropo
         latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)) * scaling
         flip = torch.rand(batch_size, generator=generator) < 0.5
         latents = torch.where(flip[:, None, None, None], latents.flip(3), latents)
-        batch_ids = ids[index].clone()
+        variant = torch.randint(0, 2, (batch_size,), generator=generator)
+        batch_ids = ids[variant, index].clone()
         drop = torch.rand(batch_size, generator=generator) < cfg_dropout
         batch_ids[drop] = empty
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, 1000, (batch_size,), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        hidden = text_encoder(batch_ids)[0]
-        pred = unet(noisy, timesteps, hidden).sample
+        encoded = text_encoder(batch_ids)
+        pred = unet(noisy, timesteps, encoded.last_hidden_state).sample
         snr = alphas[timesteps] / (1 - alphas[timesteps])
         weights = torch.clamp(snr, max=5.0) / snr
         loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
+        if probe_weight and not drop.all():
+            # keeps the text encoder's reading of the caption while it adapts to the UNet
+            loss = loss + probe_weight * probe.loss(encoded.pooler_output[~drop], labels[index][~drop])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
@@ -330,16 +416,28 @@ def stage_unet(minutes: float, batch_size: int = 32, lr: float = 5e-4, cfg_dropo
             for shadow, param in zip(ema, models.parameters(), strict=True):
                 shadow.lerp_(param.detach(), 1 - decay)
         losses.append(loss.item())
-        step += 1
-        if step % 100 == 0:
-            log(f"unet step {step}: loss {sum(losses[-100:]) / 100:.4f} lr {lr * factor:.2e}")
+        if (step + 1) % 100 == 0:
+            per_step = (time.time() - started) / (step + 1)
+            recent = sum(losses[-100:]) / 100
+            log(f"unet step {step + 1}/{steps}: loss {recent:.4f} lr {lr * factor:.2e} ({per_step:.2f} s/step)")
+        if step + 1 == steps // 3:
+            save_ema_snapshot(unet, text_encoder, ema, BUILD / "partial")
+    save_ema_snapshot(unet, text_encoder, ema, BUILD)
+    minutes = (time.time() - started) / 60
+    (BUILD / "unet_log.json").write_text(json.dumps({"steps": steps, "minutes": minutes, "losses": losses[::10]}))
+    log(f"unet: {steps} steps in {(time.time() - started) / 60:.1f} min")
+
+
+def save_ema_snapshot(unet, text_encoder, ema: list[torch.Tensor], directory: Path) -> None:
+    """Write the EMA weights of UNet and text encoder to directory/unet and directory/text_encoder."""
+    import copy
+
+    models = copy.deepcopy(torch.nn.ModuleList([unet, text_encoder]))
     with torch.no_grad():
         for shadow, param in zip(ema, models.parameters(), strict=True):
             param.copy_(shadow)
-    unet.save_pretrained(BUILD / "unet")
-    text_encoder.save_pretrained(BUILD / "text_encoder")
-    (BUILD / "unet_log.json").write_text(json.dumps({"steps": step, "minutes": minutes, "losses": losses[::10]}))
-    log(f"unet: {step} steps in {(time.time() - started) / 60:.1f} min")
+    models[0].save_pretrained(directory / "unet")
+    models[1].save_pretrained(directory / "text_encoder")
 
 
 # --------------------------------------------------------------------------------------------- stage: save
@@ -382,23 +480,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="start", choices=STAGES, default="data")
     parser.add_argument("--only", action="store_true", help="run just the --from stage")
-    parser.add_argument("--vae-minutes", type=float, default=12)
-    parser.add_argument("--unet-minutes", type=float, default=36)
+    parser.add_argument("--vae-steps", type=int, default=9000)
+    parser.add_argument("--unet-steps", type=int, default=2400)
     parser.add_argument("--vae-pool", type=int, default=3000)
     parser.add_argument("--scene-pool", type=int, default=12000)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when the machine is shared)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     run = STAGES[STAGES.index(args.start) :][: 1 if args.only else None]
     for stage in run:
         log(f"stage {stage}")
         if stage == "data":
             stage_data(args.vae_pool, args.scene_pool)
         elif stage == "vae":
-            stage_vae(args.vae_minutes)
+            stage_vae(args.vae_steps)
         elif stage == "latents":
             stage_latents()
         elif stage == "unet":
-            stage_unet(args.unet_minutes)
+            stage_unet(args.unet_steps)
         else:
             stage_save()
 
