@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, help="override the preset's LoRA rank (alpha keeps the preset's ratio)")
     parser.add_argument("--lr", type=float, help="override the preset's UNet learning rate")
     parser.add_argument("--steps", type=int, help="override the preset's step count")
+    parser.add_argument("--targets", choices=["cross_attn", "attn", "kohya"], help="override the preset's UNet modules")
     parser.add_argument("--full-lr", type=float, default=1e-4, help="learning rate of the full fine-tuning reference")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -152,6 +153,8 @@ def main() -> None:
         overrides["unet_lr"] = args.lr
     if args.steps:
         overrides["max_train_steps"] = args.steps
+    if args.targets:
+        overrides["unet_targets"] = args.targets
     result["overrides"] = overrides
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig.from_preset(
