@@ -154,6 +154,11 @@ VAE_CONFIG = dict(
 CROP = 32  # the autoencoder is fully convolutional: training on crops is 4x cheaper and sees the same textures
 
 
+def warmup_cosine(step: int, steps: int, warmup: int, floor: float) -> float:
+    """Learning-rate factor: linear warmup over `warmup` steps, then cosine from 1 down to `floor` at `steps`."""
+    return min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of two image batches in [-1, 1]."""
     mse = F.mse_loss((a.clamp(-1, 1) + 1) / 2, (b.clamp(-1, 1) + 1) / 2).item()
@@ -176,9 +181,8 @@ def stage_vae(steps: int, batch_size: int = 16, lr: float = 1e-3) -> None:
     generator = torch.Generator().manual_seed(SEED)
     started = time.time()
     for step in range(steps):
-        progress = step / steps
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+            group["lr"] = lr * warmup_cosine(step, steps, warmup=100, floor=0.05)
         index = torch.randint(0, len(train), (batch_size,), generator=generator).numpy()
         top, left = (int(v) for v in torch.randint(0, 64 - CROP + 1, (2,), generator=generator))
         x = _augment(to_tensor(train[index])[:, :, top : top + CROP, left : left + CROP], generator)
@@ -381,10 +385,8 @@ def stage_unet(
     generator = torch.Generator().manual_seed(SEED)
     alphas = scheduler.alphas_cumprod
     started, losses = time.time(), []
-    warmup = 200
     for step in range(steps):
-        progress = step / steps
-        factor = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        factor = warmup_cosine(step, steps, warmup=200, floor=0.1)
         for group in optimizer.param_groups:
             group["lr"] = lr * factor
         index = torch.randint(0, len(params), (batch_size,), generator=generator)
