@@ -33,6 +33,7 @@ from studio.compose import AdapterStack, load_adapter  # noqa: E402
 from studio.models import load_base  # noqa: E402
 from training.config import PRESETS, TrainConfig  # noqa: E402
 from training.data import image_to_tensor, open_image, scan_dataset  # noqa: E402
+from training.lora import UNET_TARGET_PRESETS  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
 
 TRIGGER = "sks"
@@ -124,7 +125,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, help="override the preset's LoRA rank (alpha keeps the preset's ratio)")
     parser.add_argument("--lr", type=float, help="override the preset's UNet learning rate")
     parser.add_argument("--steps", type=int, help="override the preset's step count")
-    parser.add_argument("--targets", choices=["cross_attn", "attn", "kohya"], help="override the preset's UNet modules")
+    parser.add_argument("--targets", choices=list(UNET_TARGET_PRESETS), help="override the preset's UNet modules")
     parser.add_argument("--full-lr", type=float, default=1e-4, help="learning rate of the full fine-tuning reference")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

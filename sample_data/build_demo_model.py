@@ -166,7 +166,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def stage_vae(steps: int, batch_size: int = 16, lr: float = 1e-3) -> None:
-    """Train the autoencoder on the broad corpus for `steps`; record its scaling factor."""
+    """Train the autoencoder on the broad corpus for `steps`, then normalise its latent channels."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(SEED)
@@ -427,7 +427,7 @@ def stage_unet(
     save_ema_snapshot(unet, text_encoder, ema, BUILD)
     minutes = (time.time() - started) / 60
     (BUILD / "unet_log.json").write_text(json.dumps({"steps": steps, "minutes": minutes, "losses": losses[::10]}))
-    log(f"unet: {steps} steps in {(time.time() - started) / 60:.1f} min")
+    log(f"unet: {steps} steps in {minutes:.1f} min")
 
 
 def save_ema_snapshot(unet, text_encoder, ema: list[torch.Tensor], directory: Path) -> None:
