@@ -32,7 +32,9 @@ SAMPLERS: dict[str, tuple[str | None, dict, str | None]] = {
         {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
         "Karras",
     ),
-    "DDIM": ("DDIMScheduler", {}, None),
+    # DDIM clips its x0 estimate to [-1, 1] unless told not to: right for pixels, ruinous for latents, and a
+    # model whose saved scheduler never mentions clip_sample (any DPM++ config, like the demo model's) gets it
+    "DDIM": ("DDIMScheduler", {"clip_sample": False}, None),
     "UniPC": ("UniPCMultistepScheduler", {}, None),
     "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}, None),
     "Heun": ("HeunDiscreteScheduler", {}, None),

@@ -50,6 +50,22 @@ def test_demo_model_loads_offline_and_generates(monkeypatch):
     assert os.path.getsize(DEMO_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors") < 30 * 2**20
 
 
+@pytest.mark.parametrize("sampler", ["DDIM", "Euler", "UniPC"])
+def test_deterministic_samplers_draw_the_default_samplers_picture(sampler):
+    # every deterministic sampler solves the same ODE from the same noise, so at 20 steps they agree closely; DDIM
+    # used to clip its latent x0 estimate to [-1, 1] (its default for pixels) and drew a different, washed-out picture
+    from studio.generate import GenerationRequest, generate
+    from studio.models import load_base
+
+    base = load_base("demo")
+    request = dict(prompt="a red circle on a white background", seed=3, batch=2)
+    reference = generate(base, GenerationRequest(**request)).images
+    other = generate(base, GenerationRequest(sampler=sampler, **request)).images
+    pairs = zip(reference, other, strict=True)
+    difference = np.mean([np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() for a, b in pairs])
+    assert difference < 12, difference
+
+
 def test_a_short_training_run_on_a_style_set_raises_the_style_score(tmp_path):
     from bench.style_learning import held_out_scenes, with_trigger
     from sample_data.evaluate_demo import generate_scenes
