@@ -34,7 +34,7 @@ from studio.models import load_base  # noqa: E402
 from training.config import PRESETS, TrainConfig  # noqa: E402
 from training.data import image_to_tensor, open_image, scan_dataset  # noqa: E402
 from training.lora import UNET_TARGET_PRESETS  # noqa: E402
-from training.trainer import Trainer  # noqa: E402
+from training.trainer import Trainer, min_snr_weights  # noqa: E402
 
 TRIGGER = "sks"
 
@@ -74,8 +74,10 @@ def score(base, scene_list, evaluator, classifier) -> dict:
     }
 
 
-def full_finetune(base, data_dir: Path, steps: int, batch_size: int, lr: float, seed: int) -> float:
-    """Fine-tune every UNet weight on the style set (text encoder frozen); returns seconds."""
+def full_finetune(
+    base, data_dir: Path, steps: int, batch_size: int, lr: float, seed: int, min_snr_gamma: float = 5.0
+) -> float:
+    """Fine-tune every UNet weight on the style set (text encoder frozen, the LoRA's loss weights); returns seconds."""
     report = scan_dataset(data_dir, TRIGGER, f"{TRIGGER} style")
     pipe = base.pipeline
     size = base.native_size
@@ -105,10 +107,11 @@ def full_finetune(base, data_dir: Path, steps: int, batch_size: int, lr: float, 
         x = torch.where(flip[:, None, None, None], latents[index].flip(3), latents[index])
         noise = torch.randn(x.shape, generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-        snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
-        weight = torch.clamp(snr, max=5.0) / snr
         pred = unet(scheduler.add_noise(x, noise, t), t, hidden[index]).sample
-        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        loss = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        if min_snr_gamma:
+            loss = loss * min_snr_weights(scheduler.alphas_cumprod, t, min_snr_gamma, v_pred=False)
+        loss = loss.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -126,6 +129,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="override the preset's UNet learning rate")
     parser.add_argument("--steps", type=int, help="override the preset's step count")
     parser.add_argument("--targets", choices=list(UNET_TARGET_PRESETS), help="override the preset's UNet modules")
+    parser.add_argument("--min-snr-gamma", type=float, help="override the preset's min-SNR loss weighting (0: off)")
     parser.add_argument("--full-lr", type=float, default=1e-4, help="learning rate of the full fine-tuning reference")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -156,6 +160,8 @@ def main() -> None:
         overrides["max_train_steps"] = args.steps
     if args.targets:
         overrides["unet_targets"] = args.targets
+    if args.min_snr_gamma is not None:
+        overrides["min_snr_gamma"] = args.min_snr_gamma
     result["overrides"] = overrides
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig.from_preset(
@@ -194,7 +200,13 @@ def main() -> None:
     if not args.no_full:
         full = load_base("demo")
         full_seconds = full_finetune(
-            full, data_dir, trained.steps, config.batch_size, lr=args.full_lr, seed=config.seed
+            full,
+            data_dir,
+            trained.steps,
+            config.batch_size,
+            lr=args.full_lr,
+            seed=config.seed,
+            min_snr_gamma=config.min_snr_gamma,
         )
         full_prompts = triggered
         result["full_finetune"] = {
