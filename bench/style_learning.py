@@ -75,7 +75,7 @@ def score(base, scene_list, evaluator, classifier) -> dict:
 
 
 def full_finetune(
-    base, data_dir: Path, steps: int, batch_size: int, lr: float, seed: int, min_snr_gamma: float = 5.0
+    base, data_dir: Path, steps: int, batch_size: int, lr: float, seed: int, min_snr_gamma: float
 ) -> float:
     """Fine-tune every UNet weight on the style set (text encoder frozen, the LoRA's loss weights); returns seconds."""
     report = scan_dataset(data_dir, TRIGGER, f"{TRIGGER} style")
