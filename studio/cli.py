@@ -31,6 +31,9 @@ TRAIN_FLAGS = {
     "class_prompt": "class_prompt",
     "prior_images": "num_class_images",
     "prior_loss_weight": "prior_loss_weight",
+    "preservation_weight": "preservation_weight",
+    "preservation_prompt": "preservation_prompt",
+    "caption_dropout": "caption_dropout_rate",
     "checkpoint_every": "checkpoint_every_steps",
     "sample_prompt": "sample_prompts",
     "mixed_precision": "mixed_precision",
@@ -72,6 +75,15 @@ def _train_parser(sub) -> None:
     p.add_argument("--class-prompt", help="enables prior preservation with images of this prompt")
     p.add_argument("--prior-images", type=int, help="number of class images for prior preservation")
     p.add_argument("--prior-loss-weight", type=float)
+    p.add_argument(
+        "--preservation-weight",
+        type=float,
+        help="output preservation: also keep the base model's prediction for the caption without the trigger (0: off)",
+    )
+    p.add_argument(
+        "--preservation-prompt", choices=["caption", "blank"], help="what output preservation keeps (default: caption)"
+    )
+    p.add_argument("--caption-dropout", type=float, help="share of samples trained on the empty prompt (0: off)")
     p.add_argument("--checkpoint-every", type=int, help="save a resumable checkpoint every N steps")
     p.add_argument("--sample-prompt", action="append", help="prompt rendered at each checkpoint (repeatable)")
     p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"])

@@ -55,3 +55,22 @@ def test_buckets_cover_aspect_ratios_within_the_pixel_budget():
     assert assign_bucket(1024, 512, buckets)[0] > assign_bucket(1024, 512, buckets)[1]
     assert assign_bucket(400, 800, buckets)[1] > assign_bucket(400, 800, buckets)[0]
     assert assign_bucket(777, 777, buckets) == (512, 512)
+
+
+def test_without_trigger_takes_the_trigger_word_and_its_comma_out():
+    from training.data import without_trigger
+
+    assert without_trigger("sks, a red circle on a white background", "sks") == "a red circle on a white background"
+    assert without_trigger("a SKS style drawing", "sks") == "a style drawing"
+    assert without_trigger("a red, sks, circle", "sks") == "a red, circle"
+    assert without_trigger("sksx is not sks", "sks") == "sksx is not"
+    assert without_trigger("sks", "sks") == ""
+
+
+def test_caption_dropout_drops_about_its_rate_and_the_same_samples_on_a_rerun():
+    from training.data import drops_caption
+
+    draws = [drops_caption(3, epoch, index, 0.2) for epoch in range(5) for index in range(200)]
+    assert 0.16 < sum(draws) / len(draws) < 0.24
+    assert draws == [drops_caption(3, epoch, index, 0.2) for epoch in range(5) for index in range(200)]
+    assert not any(drops_caption(3, 0, index, 0.0) for index in range(200))

@@ -257,3 +257,50 @@ def test_optional_optimizers_say_how_to_install_them(tiny_model_dir, tmp_path):
     data = write_style_images(tmp_path / "data", count=2)
     with pytest.raises(ValueError, match=r"pip install 'lora-style-studio\[prodigy\]'"):
         train(_config(tiny_model_dir, data, tmp_path / "o" / "x.safetensors", optimizer="prodigy"))
+
+
+def _drift(model_dir, adapter: Path, data_dir, prompts: list[str]) -> float:
+    """Mean squared change the adapter makes to the UNet's prediction on the data's noisy latents under `prompts`."""
+    from studio.compose import AdapterStack, load_adapter
+
+    base = load_base(str(model_dir))
+    pipe = base.pipeline
+    paths = sorted(Path(data_dir).glob("*.png"))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        pixels = torch.stack([image_to_tensor(open_image(p), (64, 64), True, False, None) for p in paths])
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        timesteps = torch.randint(100, 900, (len(paths),), generator=generator)
+        noisy = pipe.scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator), timesteps)
+        before = pipe.unet(noisy, timesteps, pipe.text_encoder(ids)[0]).sample
+        AdapterStack(base).add(load_adapter(adapter, base), 1.0)
+        after = pipe.unet(noisy, timesteps, pipe.text_encoder(ids)[0]).sample
+    return F.mse_loss(after, before).item()
+
+
+def test_output_preservation_keeps_the_captions_without_the_trigger_as_the_base_draws_them(tiny_model_dir, tmp_path):
+    data = write_style_images(tmp_path / "data", count=4)
+    captions = [p.read_text() for p in sorted(data.glob("*.txt"))]
+    common = dict(max_train_steps=12, unet_lr=3e-3, text_encoder_lr=3e-3, cache_text_embeddings=False)
+    plain = train(_config(tiny_model_dir, data, tmp_path / "a" / "plain.safetensors", **common))
+    kept = train(_config(tiny_model_dir, data, tmp_path / "b" / "kept.safetensors", preservation_weight=5.0, **common))
+    without_trigger = [_drift(tiny_model_dir, r.output, data, captions) for r in (plain, kept)]
+    with_trigger = [_drift(tiny_model_dir, r.output, data, [f"sks, {c}" for c in captions]) for r in (plain, kept)]
+    # without the trigger word the preserved adapter changes the picture far less; with it, it still changes it
+    assert without_trigger[1] < 0.5 * without_trigger[0]
+    assert with_trigger[1] > 2 * without_trigger[1]
+
+
+def test_output_preservation_options_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="preservation_prompt"):
+        TrainConfig(preservation_weight=1.0, preservation_prompt="class")
+    with pytest.raises(ValueError, match="preservation_weight"):
+        TrainConfig(preservation_weight=-1.0)
+    with pytest.raises(ValueError, match="trigger"):
+        TrainConfig(preservation_weight=1.0, trigger="")
+
+
+def test_caption_dropout_rate_is_validated():
+    with pytest.raises(ValueError, match="caption_dropout_rate"):
+        TrainConfig(caption_dropout_rate=1.0)

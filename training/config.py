@@ -25,6 +25,7 @@ LR_SCHEDULERS = (
 )
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
+PRESERVATION_PROMPTS = ("caption", "blank")
 
 
 @dataclass
@@ -77,6 +78,8 @@ class TrainConfig:
     bucket_step: int = 0  # 0: the model family's default (64 for SD 1.x)
     center_crop: bool = True
     random_flip: bool = False
+    # kohya's caption_dropout_rate: this share of samples trains on the empty prompt (classifier-free guidance's)
+    caption_dropout_rate: float = 0.0
     repeats: int = 1
     cache_latents: bool = True
     cache_text_embeddings: bool = True
@@ -86,6 +89,11 @@ class TrainConfig:
     num_class_images: int = 0
     prior_loss_weight: float = 1.0
     class_dir: str = ""
+    # output preservation (ai-toolkit's "differential output preservation"): a second loss keeps the model's
+    # prediction with the adapter equal to the base model's for the same noisy image under the caption without the
+    # trigger word ("caption") or the empty prompt ("blank"), so the look belongs to the trigger word
+    preservation_weight: float = 0.0
+    preservation_prompt: str = "caption"
     # checkpoints and samples
     work_dir: str = ""
     checkpoint_every_steps: int = 0
@@ -172,11 +180,20 @@ class TrainConfig:
         )
         need(self.bucket_step >= 0 and self.bucket_step % 8 == 0, "bucket_step", "must be 0 or a multiple of 8")
         need(self.repeats >= 1, "repeats", "must be at least 1")
+        need(0 <= self.caption_dropout_rate < 1, "caption_dropout_rate", "must be in [0, 1)")
         need(self.prior_loss_weight >= 0, "prior_loss_weight", "must be zero or positive")
         need(self.num_class_images >= 0, "num_class_images", "must be zero or positive")
         if self.prior_preservation:
             need(bool(self.class_prompt.strip()), "class_prompt", "is required with prior preservation")
             need(self.num_class_images >= 1, "num_class_images", "must be at least 1 with prior preservation")
+        need(self.preservation_weight >= 0, "preservation_weight", "must be zero (off) or positive")
+        need(
+            self.preservation_prompt in PRESERVATION_PROMPTS,
+            "preservation_prompt",
+            f"must be one of {list(PRESERVATION_PROMPTS)}",
+        )
+        if self.preservation_weight and self.preservation_prompt == "caption":
+            need(bool(self.trigger.strip()), "trigger", "is required to preserve the captions without it")
         need(self.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be zero (off) or positive")
         need(self.checkpoint_every_epochs >= 0, "checkpoint_every_epochs", "must be zero (off) or positive")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,15 @@ def caption_for(image_path: Path, trigger: str, default_caption: str) -> str:
     if trigger and trigger.lower() not in caption.lower().replace(",", " ").split():
         caption = f"{trigger}, {caption}"
     return caption
+
+
+def without_trigger(caption: str, trigger: str) -> str:
+    """The caption with every occurrence of the trigger word (and the comma after it) taken out."""
+    if not trigger:
+        return caption
+    words = re.split(r"(\s+)", caption)
+    kept = [w for w in words if w.strip().rstrip(",").lower() != trigger.lower()]
+    return " ".join("".join(kept).split()).strip(" ,")
 
 
 def difference_hash(image: Image.Image) -> int:
@@ -307,6 +317,11 @@ def batch_schedule(samples: list[Sample], batch_size: int, seed: int, epoch: int
         batches += [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def drops_caption(seed: int, epoch: int, index: int, rate: float) -> bool:
+    """Whether caption dropout trains this sample on the empty prompt this epoch (its own RNG, so resumes repeat it)."""
+    return rate > 0 and random.Random(f"{seed}:{epoch}:{index}:caption").random() < rate
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:

@@ -29,6 +29,7 @@ from training.data import (
     Sample,
     assign_bucket,
     batch_schedule,
+    drops_caption,
     image_size,
     image_to_tensor,
     make_buckets,
@@ -36,6 +37,7 @@ from training.data import (
     sample_rng,
     scan_dataset,
     size_conditioning,
+    without_trigger,
 )
 from training.lora import (
     count_parameters,
@@ -393,7 +395,13 @@ class Trainer:
             )
 
         text_cache = (
-            self._text_embedding_cache(family, samples, tokenizers, text_encoders, device)
+            self._text_embedding_cache(
+                family,
+                [*{s.caption for s in samples}, *self._preservation_prompts(samples), ""],
+                tokenizers,
+                text_encoders,
+                device,
+            )
             if (not cfg.train_text_encoder and cfg.cache_text_embeddings)
             else None
         )
@@ -428,6 +436,12 @@ class Trainer:
             )
             latents = latents * scaling
             captions = [samples[i].caption for i in batch]
+            kept_from = captions  # output preservation works from the real captions, dropped or not
+            if cfg.caption_dropout_rate:
+                captions = [
+                    "" if drops_caption(cfg.seed, epoch, i, cfg.caption_dropout_rate) else c
+                    for i, c in zip(batch, captions, strict=True)
+                ]
             if text_cache is not None:
                 text = stack_embeddings([text_cache[c] for c in captions], device)
             else:
@@ -447,11 +461,36 @@ class Trainer:
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
 
+            model_input, steps_in = noisy.to(weight_dtype), timesteps
+            hidden, cond = text.hidden.to(weight_dtype), added_cond
+            if cfg.preservation_weight:
+                kept, kept_cond, reference = self._preservation_targets(
+                    accelerator,
+                    unet,
+                    trained_tes,
+                    text_encoders,
+                    family,
+                    tokenizers,
+                    text_cache,
+                    kept_from,
+                    model_input,
+                    timesteps,
+                    added_cond,
+                    device,
+                    weight_dtype,
+                )
+                # one forward pass for both: the training captions and the preservation prompts, same noisy latents
+                model_input, steps_in = torch.cat([model_input, model_input]), torch.cat([timesteps, timesteps])
+                hidden = torch.cat([hidden, kept.to(weight_dtype)])
+                if cond is not None:
+                    cond = {key: torch.cat([cond[key], kept_cond[key]]) for key in cond}
             with accelerator.autocast():
-                pred = unet(
-                    noisy.to(weight_dtype), timesteps, text.hidden.to(weight_dtype), added_cond_kwargs=added_cond
-                ).sample
+                pred = unet(model_input, steps_in, hidden, added_cond_kwargs=cond).sample
+            pred, kept_pred = pred[: len(noisy)], pred[len(noisy) :]
             per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            if cfg.preservation_weight:
+                kept_loss = F.mse_loss(kept_pred.float(), reference.float(), reduction="none").mean(dim=(1, 2, 3))
+                per_sample = per_sample + cfg.preservation_weight * kept_loss
             if cfg.min_snr_gamma:
                 per_sample = per_sample * min_snr_weights(
                     alphas_cumprod, timesteps, cfg.min_snr_gamma, prediction_type == "v_prediction"
@@ -663,13 +702,59 @@ class Trainer:
         sample = mean + std * torch.randn((count, *mean.shape[1:]), generator=noise_rng)[rows]
         return sample.to(device)
 
+    def _preservation_prompts(self, samples_or_captions) -> list[str]:
+        """What each caption becomes for output preservation: without its trigger word, or the empty prompt."""
+        cfg = self.config
+        if not cfg.preservation_weight:
+            return []
+        captions = [getattr(s, "caption", s) for s in samples_or_captions]
+        if cfg.preservation_prompt == "blank":
+            return ["" for _ in captions]
+        return [without_trigger(c, cfg.trigger) for c in captions]
+
+    def _preservation_targets(
+        self,
+        accelerator,
+        unet,
+        trained_tes,
+        text_encoders,
+        family,
+        tokenizers,
+        text_cache,
+        captions,
+        noisy,
+        timesteps,
+        added_cond,
+        device,
+        dtype,
+    ) -> tuple[torch.Tensor, dict | None, torch.Tensor]:
+        """The preservation prompts' conditioning (through any trained text encoder) and the base model's prediction
+        for them on the batch's noisy latents, adapters off."""
+        prompts = self._preservation_prompts(captions)
+        adapted = [accelerator.unwrap_model(m) for m in (unet, *trained_tes)]
+
+        def conditioning(grad: bool) -> tuple[torch.Tensor, dict | None]:
+            if text_cache is not None:
+                text = stack_embeddings([text_cache[p] for p in prompts], device)
+            else:
+                with torch.set_grad_enabled(grad):
+                    text = self._encode_text(family, prompts, tokenizers, text_encoders, device)
+            extra = None if added_cond is None else {**added_cond, "text_embeds": text.pooled.to(dtype)}
+            return text.hidden.to(dtype), extra
+
+        with torch.no_grad(), adapters_disabled(adapted), accelerator.autocast():
+            hidden, extra = conditioning(False)
+            reference = unet(noisy, timesteps, hidden, added_cond_kwargs=extra).sample
+        hidden, extra = conditioning(bool(trained_tes))
+        return hidden, extra, reference
+
     def _encode_text(self, family, captions, tokenizers, text_encoders, device) -> PromptEmbeddings:
         """The captions' conditioning as the family's pipeline computes it at generation (with the clip skip)."""
         return encode_prompts(family, tokenizers, text_encoders, captions, self.config.clip_skip, device)
 
-    def _text_embedding_cache(self, family, samples, tokenizers, text_encoders, device) -> dict[str, PromptEmbeddings]:
+    def _text_embedding_cache(self, family, captions, tokenizers, text_encoders, device) -> dict[str, PromptEmbeddings]:
         """Each distinct caption's conditioning (hidden states, and SDXL's pooled embedding), on the CPU."""
-        captions = sorted({s.caption for s in samples})
+        captions = sorted(set(captions))
         cache = {}
         with torch.no_grad():
             for start in range(0, len(captions), 16):
@@ -744,6 +829,7 @@ class Trainer:
             "seed": cfg.seed,
             "min_snr_gamma": cfg.min_snr_gamma,
             "noise_offset": cfg.noise_offset,
+            "caption_dropout_rate": cfg.caption_dropout_rate,
             "prior_loss_weight": cfg.prior_loss_weight,
             "mixed_precision": cfg.mixed_precision,
             "sd_model_name": base.name,
@@ -919,6 +1005,18 @@ def _glibc():
         return ctypes.CDLL("libc.so.6")
     except OSError:
         return None
+
+
+@contextlib.contextmanager
+def adapters_disabled(models: list) -> Iterator[None]:
+    """Run the wrapped code on the base weights: every model's LoRA adapter is off inside, on again after."""
+    for model in models:
+        model.disable_adapters()
+    try:
+        yield
+    finally:
+        for model in models:
+            model.enable_adapters()
 
 
 def stack_embeddings(cached: list[PromptEmbeddings], device: torch.device) -> PromptEmbeddings:

@@ -33,6 +33,8 @@ FIELDS = (
     "prior",
     "class_prompt",
     "class_images",
+    "preservation",
+    "caption_dropout",
     "seed",
     "checkpoint_every",
     "sample_prompts",
@@ -47,6 +49,8 @@ PRESET_FIELDS = {
     "te_lr": "text_encoder_lr",
     "batch_size": "batch_size",
     "train_te": "train_text_encoder",
+    "preservation": "preservation_weight",
+    "caption_dropout": "caption_dropout_rate",
 }
 
 
@@ -123,6 +127,8 @@ def build_config(workspace: Workspace, base: str, *args: Any) -> TrainConfig:
         prior_preservation=bool(v["prior"]),
         class_prompt=(v["class_prompt"] or "").strip(),
         num_class_images=whole_number(v["class_images"], "class images", 0),
+        preservation_weight=real_number(v["preservation"], "output preservation weight", 0),
+        caption_dropout_rate=real_number(v["caption_dropout"], "caption dropout", 0, 0.99),
         seed=whole_number(v["seed"], "seed", 0),
         checkpoint_every_steps=every,
         sample_prompts=prompts,
@@ -264,6 +270,17 @@ def build(runner: JobRunner, workspace: Workspace, models: ModelCache, base_box:
         c["prior"] = gr.Checkbox(label="Prior preservation", value=d["prior"])
         c["class_prompt"] = gr.Textbox(label="Class prompt", placeholder="a painting")
         c["class_images"] = gr.Number(label="Class images", value=d["class_images"], precision=0)
+    with gr.Row():
+        c["preservation"] = gr.Number(
+            label="Output preservation weight (keeps captions without the trigger as the base draws them; 0: off)",
+            value=d["preservation"],
+            elem_id="train-preservation",
+        )
+        c["caption_dropout"] = gr.Number(
+            label="Caption dropout (share of steps on the empty prompt)",
+            value=d["caption_dropout"],
+            elem_id="train-caption-dropout",
+        )
     c["sample_prompts"] = gr.Textbox(
         label="Sample prompts (one per line; rendered at each checkpoint)", lines=2, elem_id="train-samples"
     )
