@@ -4,7 +4,8 @@
 
 Trains a LoRA through the library (the same code path as `studio train`), then draws held-out prompts
 (color/shape pairs that are not in the style set) with and without the adapter, and scores them:
-style score (a style classifier trained on fresh renders of the style vs plain renders), content accuracy
+style score (a style classifier trained on fresh renders of the style against plain renders, the other style and
+busy textures, so a fine-tune fallen apart into noise does not count as styled), content accuracy
 (the shapes-world evaluator), trainable parameters, adapter file size and wall time; and the same for full
 fine-tuning of the UNet on the same data, as the LoRA paper compares. Prints one JSON object (last line).
 """
@@ -130,6 +131,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="override the preset's step count")
     parser.add_argument("--targets", choices=list(UNET_TARGET_PRESETS), help="override the preset's UNet modules")
     parser.add_argument("--min-snr-gamma", type=float, help="override the preset's min-SNR loss weighting (0: off)")
+    parser.add_argument("--preservation-weight", type=float, help="override the preset's output preservation weight")
+    parser.add_argument("--preservation-prompt", choices=["caption", "blank"], help="what output preservation keeps")
+    parser.add_argument("--caption-dropout", type=float, help="override the preset's caption dropout rate")
     parser.add_argument("--full-lr", type=float, default=1e-4, help="learning rate of the full fine-tuning reference")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -162,6 +166,12 @@ def main() -> None:
         overrides["unet_targets"] = args.targets
     if args.min_snr_gamma is not None:
         overrides["min_snr_gamma"] = args.min_snr_gamma
+    if args.preservation_weight is not None:
+        overrides["preservation_weight"] = args.preservation_weight
+    if args.preservation_prompt:
+        overrides["preservation_prompt"] = args.preservation_prompt
+    if args.caption_dropout is not None:
+        overrides["caption_dropout_rate"] = args.caption_dropout
     result["overrides"] = overrides
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig.from_preset(

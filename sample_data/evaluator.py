@@ -23,7 +23,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sample_data.shapes import COLORS, SHAPES, STYLES, Scene, render, scenes, to_array  # noqa: E402
+from sample_data.shapes import COLORS, SHAPES, STYLES, Scene, render, scenes, texture_image, to_array  # noqa: E402
 
 EVALUATOR_PATH = ROOT / "sample_data" / "evaluator.safetensors"
 COLOR_NAMES = list(COLORS)
@@ -147,13 +147,17 @@ def train_content_evaluator(seed: int = 7, count: int = 24000, steps: int = 2500
     return model.eval()
 
 
-def train_style_classifier(style: str, seed: int = 11, count: int = 3000, steps: int = 600) -> StyleClassifier:
-    """Train `style` vs plain on fresh ground-truth renders (other seeds than any style dataset)."""
+def train_style_classifier(style: str, seed: int = 11, count: int = 3000, steps: int = 900) -> StyleClassifier:
+    """Train `style` against everything else it could be mistaken for, on fresh ground-truth renders.
+
+    Negatives are plain renders, the other artist styles, and the autoencoder's broad corpus of textures (stripes,
+    hatching, dots, outlines, noise): a classifier that only ever saw plain pictures calls any busy texture a style,
+    and a fine-tune that has fallen apart into coloured noise then scores as perfectly styled."""
     torch.manual_seed(seed)
     positives = scenes(seed + 1000, count, style)
-    negatives = scenes(seed + 2000, count, "plain")
-    images = render_many(positives + negatives)
-    labels = torch.tensor([1.0] * count + [0.0] * count)
+    others = [s for other in STYLES if other != style for s in scenes(seed + 2000, count // 2, other)]
+    images = np.concatenate([render_many(positives + others), textures(seed + 3000, count // 2)])
+    labels = torch.tensor([1.0] * count + [0.0] * (len(images) - count))
     model = StyleClassifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(seed)
@@ -166,6 +170,16 @@ def train_style_classifier(style: str, seed: int = 11, count: int = 3000, steps:
         loss.backward()
         optimizer.step()
     return model.eval()
+
+
+def textures(seed: int, count: int) -> np.ndarray:
+    """`count` pictures of the autoencoder's broad procedural corpus (uint8 NHWC)."""
+    with Pool(2) as pool:
+        return np.stack(pool.map(_texture, [f"{seed}:{k}" for k in range(count)], chunksize=64))
+
+
+def _texture(key: str) -> np.ndarray:
+    return to_array(texture_image(random.Random(f"classifier-texture:{key}")))
 
 
 def load_content_evaluator(path: Path = EVALUATOR_PATH) -> ContentEvaluator:
@@ -214,10 +228,15 @@ def train_and_save_style_classifiers() -> dict[str, float]:
     accuracy = {}
     for style in STYLES[1:]:
         model = train_style_classifier(style)
-        positives, negatives = scenes(5000, 200, style), scenes(6000, 200, "plain")
-        probability = model.probability(render_many(positives + negatives))
-        truth = np.array([1] * 200 + [0] * 200)
-        accuracy[style] = float(((probability > 0.5) == truth).mean())
+        held_out = {
+            style: render_many(scenes(5000, 200, style)),
+            **{other: render_many(scenes(6000, 200, other)) for other in STYLES if other != style},
+            "textures": textures(7000, 200),
+        }
+        accuracy[style] = {
+            name: float(((model.probability(images) > 0.5) == (name == style)).mean())
+            for name, images in held_out.items()
+        }
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(style_classifier_path(style)))
     return accuracy
 

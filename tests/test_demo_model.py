@@ -37,6 +37,19 @@ def test_content_evaluator_is_right_on_ground_truth_renders():
     assert min(accuracy["color"], accuracy["shape"], accuracy["background"]) >= 0.98, accuracy
 
 
+@pytest.mark.parametrize("style", STYLES[1:])
+def test_style_classifiers_tell_their_style_from_plain_other_styles_and_textures(style):
+    from sample_data.evaluator import load_style_classifier, textures
+
+    classifier = load_style_classifier(style)
+    assert (classifier.probability(render_many(scenes(77, 50, style))) > 0.5).mean() >= 0.98
+    for other in STYLES:
+        if other != style:
+            assert (classifier.probability(render_many(scenes(78, 50, other))) < 0.5).mean() >= 0.98, other
+    # busy textures and noise (what a fine-tune that has fallen apart draws) are not the style
+    assert (classifier.probability(textures(79, 100)) < 0.5).mean() >= 0.98
+
+
 def test_demo_model_loads_offline_and_generates(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from studio.generate import GenerationRequest, generate
@@ -66,6 +79,29 @@ def test_deterministic_samplers_draw_the_default_samplers_picture(sampler):
     assert difference < 12, difference
 
 
+def _denoising_error(base, images: np.ndarray, prompts: list[str]) -> float:
+    """Mean epsilon-prediction error on `images` under `prompts`, at fixed noise and timesteps 50..600."""
+    import torch
+    import torch.nn.functional as F
+
+    pipe = base.pipeline
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        ids = pipe.tokenizer(
+            prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+        )
+        hidden = pipe.text_encoder(ids.input_ids)[0]
+        errors = []
+        for t in (50, 200, 400, 600):
+            noise = torch.randn(latents.shape, generator=generator)
+            steps = torch.full((len(latents),), t)
+            pred = pipe.unet(pipe.scheduler.add_noise(latents, noise, steps), steps, hidden).sample
+            errors.append(F.mse_loss(pred, noise).item())
+    return float(np.mean(errors))
+
+
 def test_a_short_training_run_on_a_style_set_raises_the_style_score(tmp_path):
     from bench.style_learning import held_out_scenes, with_trigger
     from sample_data.evaluate_demo import generate_scenes
@@ -90,10 +126,17 @@ def test_a_short_training_run_on_a_style_set_raises_the_style_score(tmp_path):
         lr_warmup_steps=10,
     )
     result = train(config)
+    fresh_ink = scenes(31, 16, "ink")  # held-out renders of the style, never in the training set
+    ink_images = render_many(fresh_ink)
+    ink_prompts = [f"sks, {s.prompt}" for s in fresh_ink]
     base = load_base("demo")
     before = classifier.probability(generate_scenes(base, prompts, steps=10)).mean()
+    error_before = _denoising_error(base, ink_images, ink_prompts)
     AdapterStack(base).add(load_adapter(result.output, base), 1.0)
     after = classifier.probability(generate_scenes(base, prompts, steps=10)).mean()
-    # measured 0.00026 -> 0.0027 (200 steps): the demo model that follows prompts (issue 4) holds on to its plain look,
-    # so the rise is tenfold but small; the same run at the preset's attention-only targets and lr 5e-4 gave 0.0016
-    assert after > 4 * before, (before, after)
+    error_after = _denoising_error(base, ink_images, ink_prompts)
+    # The classifier also rejects busy textures and noise (issue 4), so a plain-looking base scores about 1e-4;
+    # measured 6.6e-5 -> 2.4e-4. The model's own error on unseen pictures of the style shows the learning plainly:
+    # measured 1.00 -> 0.53.
+    assert after > 2 * before, (before, after)
+    assert error_after < 0.7 * error_before, (error_before, error_after)
