@@ -15,7 +15,7 @@ import functools
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -573,13 +573,16 @@ def _seconds(config, plan, profile: ModelProfile, size: LoraSize, device: Device
     batch = config.batch_size
     unet = profile.unet_train
     step = _pass_seconds(unet, speed)
+    forward = PassProfile(flops=unet.forward_flops, ops=unet.forward_ops, attention_flops=unet.forward_attention_flops)
+    if config.preservation_weight:
+        # output preservation: the preservation prompts join the training pass (twice the batch, the same kernels),
+        # after a no-grad forward pass of the base model on the batch
+        step += _pass_seconds(replace(unet, ops=0), speed) + _pass_seconds(forward, speed)
     if config.gradient_checkpointing:  # the checkpointed blocks run their forward pass again
-        recompute = PassProfile(
-            flops=unet.forward_flops, ops=unet.forward_ops, attention_flops=unet.forward_attention_flops
-        )
-        step += CHECKPOINT_RECOMPUTE * _pass_seconds(recompute, speed)
+        doubled = replace(forward, ops=0) if config.preservation_weight else PassProfile()
+        step += CHECKPOINT_RECOMPUTE * (_pass_seconds(forward, speed) + _pass_seconds(doubled, speed))
     if config.train_text_encoder and profile.text_train is not None:
-        step += _pass_seconds(profile.text_train, speed)
+        step += (2 if config.preservation_weight else 1) * _pass_seconds(profile.text_train, speed)
     elif not config.cache_text_embeddings:
         step += batch * _pass_seconds(profile.text_forward, speed)
     cache_latents = config.cache_latents and config.center_crop
@@ -615,6 +618,8 @@ def _memory(config, plan, profile: ModelProfile, size: LoraSize, base, resolutio
     if config.train_text_encoder and profile.text_train is not None:
         text = profile.text_train
         saved += text.checkpointed_saved_bytes if config.gradient_checkpointing else text.saved_bytes
+    if config.preservation_weight:  # the preservation prompts go through the same pass, doubling its batch
+        saved *= 2
     activations = int(saved * ACTIVATION_FACTOR[device.kind] * width / 4)
     # before the loop the latents are encoded one image at a time: a no-grad pass, a few outputs alive at once
     encode = int(ENCODE_FACTOR[device.kind] * profile.vae_encode.largest_output_bytes * width / 4)
