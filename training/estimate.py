@@ -666,12 +666,12 @@ def suggestions(config: TrainConfig, base: BaseModel, device: Device, plan: Trai
         if peak < current.peak_bytes:
             scored.append((peak, text, changes))
     for peak, text, changes in sorted(scored, key=lambda item: item[0]):
-        lines.append(f"{text}: ~{human_bytes(peak)} (saves {human_bytes(current.peak_bytes - peak)})")
+        lines.append(f"{text}: about {human_bytes(peak)} (saves {human_bytes(current.peak_bytes - peak)})")
         combined.update(changes)
     if len(scored) > 1:
         peak = estimate(config.replace(**combined), base, device, plan, suggest=False).peak_bytes
         verdict = "fits" if device.budget_bytes is None or peak <= device.budget_bytes else "still does not fit"
-        lines.append(f"all of these together: ~{human_bytes(peak)} ({verdict})")
+        lines.append(f"all of these together: about {human_bytes(peak)} ({verdict})")
     if not lines:
         lines.append("no training setting brings it down enough: the model's weights alone need most of it")
     return lines
@@ -702,9 +702,9 @@ def describe_estimate(result: Estimate, resolution: int) -> list[str]:
     where = f"this machine, {device.label()}" if device == Device.this_machine() else f"a {device.label()}"
     speed = "" if device.kind == "cpu" else " (assuming a current consumer GPU's speed)"
     lines = [
-        f"- estimated time on {where}: **~{human_seconds(result.seconds)}** "
-        f"(~{result.seconds_per_step:.2f} s per step{speed}); estimated peak memory: "
-        f"**~{human_bytes(result.peak_bytes)}** at {resolution}px (rough estimates, calibrated on CPU runs)"
+        f"- estimated time on {where}: **about {human_seconds(result.seconds)}** "
+        f"(about {result.seconds_per_step:.2f} s per step{speed}); estimated peak memory: "
+        f"**about {human_bytes(result.peak_bytes)}** at {resolution}px (rough estimates, calibrated on CPU runs)"
     ]
     if result.fits is False:
         lines.append(f"- **does not fit** the {device.label()}'s {human_bytes(device.budget_bytes)}; to save memory:")
