@@ -34,6 +34,7 @@ FIELDS = (
     "class_prompt",
     "class_images",
     "preservation",
+    "preservation_prompt",
     "caption_dropout",
     "seed",
     "checkpoint_every",
@@ -50,6 +51,7 @@ PRESET_FIELDS = {
     "batch_size": "batch_size",
     "train_te": "train_text_encoder",
     "preservation": "preservation_weight",
+    "preservation_prompt": "preservation_prompt",
     "caption_dropout": "caption_dropout_rate",
 }
 
@@ -128,6 +130,7 @@ def build_config(workspace: Workspace, base: str, *args: Any) -> TrainConfig:
         class_prompt=(v["class_prompt"] or "").strip(),
         num_class_images=whole_number(v["class_images"], "class images", 0),
         preservation_weight=real_number(v["preservation"], "output preservation weight", 0),
+        preservation_prompt=v["preservation_prompt"],
         caption_dropout_rate=real_number(v["caption_dropout"], "caption dropout", 0, 0.99),
         seed=whole_number(v["seed"], "seed", 0),
         checkpoint_every_steps=every,
@@ -275,6 +278,12 @@ def build(runner: JobRunner, workspace: Workspace, models: ModelCache, base_box:
             label="Output preservation weight (keeps captions without the trigger as the base draws them; 0: off)",
             value=d["preservation"],
             elem_id="train-preservation",
+        )
+        c["preservation_prompt"] = gr.Dropdown(
+            choices=[("caption without the trigger", "caption"), ("empty prompt", "blank")],
+            value=d["preservation_prompt"],
+            label="Output preservation keeps",
+            elem_id="train-preservation-prompt",
         )
         c["caption_dropout"] = gr.Number(
             label="Caption dropout (share of steps on the empty prompt)",
