@@ -36,13 +36,19 @@ def _config(model_dir, data_dir, out: Path, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def _fixed_batch_loss(pipeline, data_dir) -> float:
-    """Denoising loss on the data folder's images with fixed noise and timesteps (the same for every call)."""
+def _folder_latents(pipeline, data_dir) -> tuple[list[Path], torch.Tensor]:
+    """The data folder's PNG paths and their 64x64 latents (the posterior means, scaled)."""
     paths = sorted(Path(data_dir).glob("*.png"))
-    generator = torch.Generator().manual_seed(123)
     with torch.no_grad():
         pixels = torch.stack([image_to_tensor(open_image(p), (64, 64), True, False, None) for p in paths])
-        latents = pipeline.vae.encode(pixels).latent_dist.mean * pipeline.vae.config.scaling_factor
+        return paths, pipeline.vae.encode(pixels).latent_dist.mean * pipeline.vae.config.scaling_factor
+
+
+def _fixed_batch_loss(pipeline, data_dir) -> float:
+    """Denoising loss on the data folder's images with fixed noise and timesteps (the same for every call)."""
+    paths, latents = _folder_latents(pipeline, data_dir)
+    generator = torch.Generator().manual_seed(123)
+    with torch.no_grad():
         ids = pipeline.tokenizer(
             [p.with_suffix(".txt").read_text() for p in paths], padding="max_length", max_length=77, return_tensors="pt"
         ).input_ids
@@ -265,11 +271,9 @@ def _drift(model_dir, adapter: Path, data_dir, prompts: list[str]) -> float:
 
     base = load_base(str(model_dir))
     pipe = base.pipeline
-    paths = sorted(Path(data_dir).glob("*.png"))
+    paths, latents = _folder_latents(pipe, data_dir)
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        pixels = torch.stack([image_to_tensor(open_image(p), (64, 64), True, False, None) for p in paths])
-        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
         ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
         timesteps = torch.randint(100, 900, (len(paths),), generator=generator)
         noisy = pipe.scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator), timesteps)

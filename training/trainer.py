@@ -397,7 +397,11 @@ class Trainer:
         text_cache = (
             self._text_embedding_cache(
                 family,
-                [*{s.caption for s in samples}, *self._preservation_prompts(samples), ""],
+                [
+                    *{s.caption for s in samples},
+                    *self._preservation_prompts([s.caption for s in samples]),
+                    *([""] if cfg.caption_dropout_rate else []),
+                ],
                 tokenizers,
                 text_encoders,
                 device,
@@ -481,7 +485,7 @@ class Trainer:
                 )
                 # one forward pass for both: the training captions and the preservation prompts, same noisy latents
                 model_input, steps_in = torch.cat([model_input, model_input]), torch.cat([timesteps, timesteps])
-                hidden = torch.cat([hidden, kept.to(weight_dtype)])
+                hidden = torch.cat([hidden, kept])
                 if cond is not None:
                     cond = {key: torch.cat([cond[key], kept_cond[key]]) for key in cond}
             with accelerator.autocast():
@@ -702,12 +706,11 @@ class Trainer:
         sample = mean + std * torch.randn((count, *mean.shape[1:]), generator=noise_rng)[rows]
         return sample.to(device)
 
-    def _preservation_prompts(self, samples_or_captions) -> list[str]:
+    def _preservation_prompts(self, captions: list[str]) -> list[str]:
         """What each caption becomes for output preservation: without its trigger word, or the empty prompt."""
         cfg = self.config
         if not cfg.preservation_weight:
             return []
-        captions = [getattr(s, "caption", s) for s in samples_or_captions]
         if cfg.preservation_prompt == "blank":
             return ["" for _ in captions]
         return [without_trigger(c, cfg.trigger) for c in captions]
@@ -745,7 +748,8 @@ class Trainer:
         with torch.no_grad(), adapters_disabled(adapted), accelerator.autocast():
             hidden, extra = conditioning(False)
             reference = unet(noisy, timesteps, hidden, added_cond_kwargs=extra).sample
-        hidden, extra = conditioning(bool(trained_tes))
+        if trained_tes:  # the adapted text encoders read the prompts differently from the base ones
+            hidden, extra = conditioning(True)
         return hidden, extra, reference
 
     def _encode_text(self, family, captions, tokenizers, text_encoders, device) -> PromptEmbeddings:
