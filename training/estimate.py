@@ -579,12 +579,14 @@ def _seconds(config, plan, profile: ModelProfile, size: LoraSize, device: Device
         # after a no-grad forward pass of the base model on the batch
         step += _pass_seconds(replace(unet, ops=0), speed) + _pass_seconds(forward, speed)
     if config.gradient_checkpointing:  # the checkpointed blocks run their forward pass again
-        doubled = replace(forward, ops=0) if config.preservation_weight else PassProfile()
-        step += CHECKPOINT_RECOMPUTE * (_pass_seconds(forward, speed) + _pass_seconds(doubled, speed))
+        recompute = _pass_seconds(forward, speed)
+        if config.preservation_weight:  # on the doubled batch
+            recompute += _pass_seconds(replace(forward, ops=0), speed)
+        step += CHECKPOINT_RECOMPUTE * recompute
     if config.train_text_encoder and profile.text_train is not None:
         step += (2 if config.preservation_weight else 1) * _pass_seconds(profile.text_train, speed)
-    elif not config.cache_text_embeddings:
-        step += batch * _pass_seconds(profile.text_forward, speed)
+    elif not config.cache_text_embeddings:  # the captions, and the preservation prompts too
+        step += (2 if config.preservation_weight else 1) * batch * _pass_seconds(profile.text_forward, speed)
     cache_latents = config.cache_latents and config.center_crop
     if not cache_latents:
         step += batch * _pass_seconds(profile.vae_encode, speed)
