@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--preservation-weight", type=float, help="override the preset's output preservation weight")
     parser.add_argument("--preservation-prompt", choices=["caption", "blank"], help="what output preservation keeps")
     parser.add_argument("--caption-dropout", type=float, help="override the preset's caption dropout rate")
+    parser.add_argument("--ema-decay", type=float, help="override the preset's EMA decay of the adapter weights")
     parser.add_argument("--full-lr", type=float, default=1e-4, help="learning rate of the full fine-tuning reference")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -172,6 +173,8 @@ def main() -> None:
         overrides["preservation_prompt"] = args.preservation_prompt
     if args.caption_dropout is not None:
         overrides["caption_dropout_rate"] = args.caption_dropout
+    if args.ema_decay is not None:
+        overrides["ema_decay"] = args.ema_decay
     result["overrides"] = overrides
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig.from_preset(

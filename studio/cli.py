@@ -34,6 +34,7 @@ TRAIN_FLAGS = {
     "preservation_weight": "preservation_weight",
     "preservation_prompt": "preservation_prompt",
     "caption_dropout": "caption_dropout_rate",
+    "ema_decay": "ema_decay",
     "checkpoint_every": "checkpoint_every_steps",
     "sample_prompt": "sample_prompts",
     "mixed_precision": "mixed_precision",
@@ -84,6 +85,7 @@ def _train_parser(sub) -> None:
         "--preservation-prompt", choices=["caption", "blank"], help="what output preservation keeps (default: caption)"
     )
     p.add_argument("--caption-dropout", type=float, help="share of samples trained on the empty prompt (0: off)")
+    p.add_argument("--ema-decay", type=float, help="export a moving average of the weights, e.g. 0.99 (0: off)")
     p.add_argument("--checkpoint-every", type=int, help="save a resumable checkpoint every N steps")
     p.add_argument("--sample-prompt", action="append", help="prompt rendered at each checkpoint (repeatable)")
     p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"])

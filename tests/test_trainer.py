@@ -76,11 +76,13 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_model_dir, tmp_path):
     assert after < 0.9 * before, (before, after)
 
 
-def test_resume_continues_where_it_stopped_and_ends_like_an_uninterrupted_run(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.8])
+def test_resume_continues_where_it_stopped_and_ends_like_an_uninterrupted_run(tiny_model_dir, tmp_path, ema_decay):
     data = write_style_images(tmp_path / "data", count=4)
-    straight = train(_config(tiny_model_dir, data, tmp_path / "a" / "lora.safetensors", checkpoint_every_steps=3))
+    common = dict(checkpoint_every_steps=3, ema_decay=ema_decay)
+    straight = train(_config(tiny_model_dir, data, tmp_path / "a" / "lora.safetensors", **common))
 
-    config = _config(tiny_model_dir, data, tmp_path / "b" / "lora.safetensors", checkpoint_every_steps=3)
+    config = _config(tiny_model_dir, data, tmp_path / "b" / "lora.safetensors", **common)
     steps_seen = []
 
     def progress(event):
@@ -100,6 +102,31 @@ def test_resume_continues_where_it_stopped_and_ends_like_an_uninterrupted_run(ti
     a, b = read_adapter(straight.output).tensors, read_adapter(resumed.output).tensors
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_with_an_ema_the_adapter_is_the_moving_average_of_the_trained_weights(tiny_model_dir, tmp_path):
+    data = write_style_images(tmp_path / "data", count=4)
+    # the same run without the average, with a checkpoint after every step: its adapters are the trained weights
+    raw = train(
+        _config(tiny_model_dir, data, tmp_path / "raw" / "x.safetensors", checkpoint_every_steps=1, keep_checkpoints=9)
+    )
+    trajectory = [read_adapter(c / "adapter.safetensors").tensors for c in raw.checkpoints]
+    trajectory.append(read_adapter(raw.output).tensors)
+    averaged = read_adapter(
+        train(_config(tiny_model_dir, data, tmp_path / "ema" / "x.safetensors", ema_decay=0.5)).output
+    )
+    # the warm-up of diffusers' EMAModel: step k (from 1) mixes in with weight 1 - min(decay, k / (k + 9))
+    expected = {k: v.clone() for k, v in trajectory[0].items()}
+    for step, weights in enumerate(trajectory[1:], start=1):
+        keep = min(0.5, (1 + step) / (10 + step))
+        expected = {k: keep * expected[k] + (1 - keep) * weights[k] for k in expected}
+    final = trajectory[-1]
+    ups = [k for k in final if "lora_up" in k]
+    assert max((averaged.tensors[k] - expected[k]).abs().max().item() for k in ups) < 1e-5
+    assert max((averaged.tensors[k] - final[k]).abs().max().item() for k in ups) > 1e-4, "the average must lag"
+    assert averaged.metadata["ss_ema_decay"] == "0.5"
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
 
 
 def test_resume_refuses_a_changed_rank(tiny_model_dir, tmp_path):

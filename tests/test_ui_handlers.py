@@ -409,12 +409,13 @@ def test_app_builds_and_the_base_picker_reports(tmp_path, tiny_model_dir):
     assert "base model not found" in load_model(models, str(tmp_path / "nowhere"))
 
 
-def test_train_tab_passes_output_preservation_and_caption_dropout_to_the_config(tmp_path, tiny_model_dir):
+def test_train_tab_passes_output_preservation_caption_dropout_and_ema_to_the_config(tmp_path, tiny_model_dir):
     workspace = Workspace(tmp_path / "ws")
     write_style_images(workspace.dataset_dir("ok"), count=2)
-    args = _train_args(dataset="ok", preservation=1.5, preservation_prompt="blank", caption_dropout=0.1)
+    args = _train_args(dataset="ok", preservation=1.5, preservation_prompt="blank", caption_dropout=0.1, ema=0.99)
     config = train_tab.build_config(workspace, str(tiny_model_dir), *args)
     assert (config.preservation_weight, config.preservation_prompt, config.caption_dropout_rate) == (1.5, "blank", 0.1)
+    assert config.ema_decay == 0.99
     with pytest.raises(ValueError, match="caption dropout"):
         train_tab.build_config(workspace, str(tiny_model_dir), *_train_args(dataset="ok", caption_dropout=1.0))
     with pytest.raises(ValueError, match="preservation"):

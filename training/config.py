@@ -69,6 +69,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     min_snr_gamma: float = 0.0
     noise_offset: float = 0.0
+    # an exponential moving average of the adapter weights (0 = off): samples, checkpoints and the exported adapter
+    # use the average, which smooths out the last steps' noise (the EMA of Stable Diffusion's own training)
+    ema_decay: float = 0.0
     seed: int = 0
     # data
     resolution: int = 0  # 0: the base model's native size (512 for SD 1.x)
@@ -181,6 +184,7 @@ class TrainConfig:
         need(self.bucket_step >= 0 and self.bucket_step % 8 == 0, "bucket_step", "must be 0 or a multiple of 8")
         need(self.repeats >= 1, "repeats", "must be at least 1")
         need(0 <= self.caption_dropout_rate < 1, "caption_dropout_rate", "must be in [0, 1)")
+        need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1) (0 turns the average off)")
         need(self.prior_loss_weight >= 0, "prior_loss_weight", "must be zero or positive")
         need(self.num_class_images >= 0, "num_class_images", "must be zero or positive")
         if self.prior_preservation:

@@ -634,7 +634,8 @@ def _memory(config, plan, profile: ModelProfile, size: LoraSize, base, resolutio
     return {
         "runtime": GPU_RUNTIME_BYTES if device.kind == "gpu" else CPU_RUNTIME_BYTES,
         "weights": weights * width,
-        "lora_and_optimizer": size.lora_parameters * (8 + optimizer),
+        # fp32 weights and gradients, the optimizer's state, and the moving average's fp32 copy when on
+        "lora_and_optimizer": size.lora_parameters * (8 + optimizer + (4 if config.ema_decay else 0)),
         "activations": activations,
         "vae_encoding": encode,
         "caches": caches,

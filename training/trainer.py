@@ -62,6 +62,7 @@ RESUME_INVARIANTS = (
     "batch_size",
     "gradient_accumulation_steps",
     "optimizer",
+    "ema_decay",
 )
 
 
@@ -228,6 +229,8 @@ class Trainer:
         # under torchrun / accelerate launch only rank 0 reports progress and writes files
         self.is_main_process = launched_rank() == 0
         self.num_processes = 1
+        self._trained: list[torch.nn.Parameter] = []  # the adapter weights the optimizer trains (set by run)
+        self._ema = None  # their moving average (diffusers' EMAModel), when the config asks for one
 
     # ----------------------------------------------------------------- planning
     def scan(self) -> DatasetReport:
@@ -365,6 +368,12 @@ class Trainer:
                 te.gradient_checkpointing_enable()
 
         optimizer = self._make_optimizer(unet, trained_tes)
+        self._trained = [p for group in optimizer.param_groups for p in group["params"]]
+        self._ema = None
+        if cfg.ema_decay:
+            from diffusers.training_utils import EMAModel
+
+            self._ema = EMAModel(self._trained, decay=cfg.ema_decay)
         from diffusers.optimization import get_scheduler
 
         lr_scheduler = get_scheduler(
@@ -514,6 +523,8 @@ class Trainer:
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if self._ema is not None:
+                self._ema.step(self._trained)
             global_step += 1
             steps_this_session += 1
             if world > 1:  # the global-batch loss, the same number on every process
@@ -566,12 +577,13 @@ class Trainer:
         output = Path(cfg.output)
         final_samples: list[Path] = []
         if accelerator.is_main_process:
-            tensors = kohya_state_dict(
-                family, accelerator.unwrap_model(unet), [accelerator.unwrap_model(te) for te in trained_tes]
-            )
-            metadata = self._metadata(base, report, plan, global_step, started, prediction_type)
-            save_adapter(output, tensors, metadata, dtype=cfg.save_dtype)
-            final_samples = self._samples(base, unet, trained_tes, output.with_name(output.stem + "_samples"))
+            with self._averaged_weights():
+                tensors = kohya_state_dict(
+                    family, accelerator.unwrap_model(unet), [accelerator.unwrap_model(te) for te in trained_tes]
+                )
+                metadata = self._metadata(base, report, plan, global_step, started, prediction_type)
+                save_adapter(output, tensors, metadata, dtype=cfg.save_dtype)
+                final_samples = self._samples(base, unet, trained_tes, output.with_name(output.stem + "_samples"))
         accelerator.wait_for_everyone()  # the others return only once the adapter is on disk
         seconds = time.time() - started
         self._emit(
@@ -597,6 +609,19 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------- helpers
+    @contextlib.contextmanager
+    def _averaged_weights(self) -> Iterator[None]:
+        """With an EMA, swap the averaged adapter weights in (to save and sample), and the trained ones back after."""
+        if self._ema is None:
+            yield
+            return
+        self._ema.store(self._trained)
+        self._ema.copy_to(self._trained)
+        try:
+            yield
+        finally:
+            self._ema.restore(self._trained)
+
     def _emit(
         self,
         phase: str,
@@ -833,6 +858,7 @@ class Trainer:
             "seed": cfg.seed,
             "min_snr_gamma": cfg.min_snr_gamma,
             "noise_offset": cfg.noise_offset,
+            "ema_decay": cfg.ema_decay,
             "caption_dropout_rate": cfg.caption_dropout_rate,
             "prior_loss_weight": cfg.prior_loss_weight,
             "mixed_precision": cfg.mixed_precision,
@@ -913,11 +939,13 @@ class Trainer:
         unwrapped = accelerator.unwrap_model(unet)
         tes = [accelerator.unwrap_model(te) for te in trained_tes]
         with atomic.atomic_dir(target) as tmp:
-            tensors = kohya_state_dict(base.family, unwrapped, tes)
-            metadata = self._metadata(
-                base, report, plan, global_step, started, base.pipeline.scheduler.config.prediction_type
-            )
-            save_adapter(tmp / "adapter.safetensors", tensors, metadata, dtype=cfg.save_dtype)
+            with self._averaged_weights():
+                tensors = kohya_state_dict(base.family, unwrapped, tes)
+                metadata = self._metadata(
+                    base, report, plan, global_step, started, base.pipeline.scheduler.config.prediction_type
+                )
+                save_adapter(tmp / "adapter.safetensors", tensors, metadata, dtype=cfg.save_dtype)
+                self._samples(base, unet, trained_tes, tmp / "samples")
             state = {
                 "format": STATE_FORMAT,
                 "global_step": global_step,
@@ -928,6 +956,7 @@ class Trainer:
                     **{f"text_encoder_{i}": lora_state(te) for i, te in enumerate(tes)},
                 },
                 "optimizer": optimizer.state_dict(),
+                "ema": self._ema.state_dict() if self._ema is not None else None,
                 "lr_scheduler": lr_scheduler.state_dict(),
                 "noise_rng": noise_rng.get_state(),
                 "torch_rng": torch.get_rng_state(),
@@ -935,7 +964,6 @@ class Trainer:
             }
             torch.save(state, tmp / "state.pt")
             cfg.save(tmp / "config.toml")
-            self._samples(base, unet, trained_tes, tmp / "samples")
         samples = sorted((target / "samples").glob("*.png")) if (target / "samples").is_dir() else []
         self._emit(
             "checkpoint",
@@ -969,6 +997,9 @@ class Trainer:
         for index, te in enumerate(trained_tes):
             load_lora_state(te, state["lora"][f"text_encoder_{index}"])
         optimizer.load_state_dict(state["optimizer"])
+        if self._ema is not None:
+            self._ema.load_state_dict(state["ema"])
+            self._ema.to(device=self._trained[0].device)
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         noise_rng.set_state(state["noise_rng"])
         torch.set_rng_state(state["torch_rng"])

@@ -36,6 +36,7 @@ FIELDS = (
     "preservation",
     "preservation_prompt",
     "caption_dropout",
+    "ema",
     "seed",
     "checkpoint_every",
     "sample_prompts",
@@ -53,6 +54,7 @@ PRESET_FIELDS = {
     "preservation": "preservation_weight",
     "preservation_prompt": "preservation_prompt",
     "caption_dropout": "caption_dropout_rate",
+    "ema": "ema_decay",
 }
 
 
@@ -132,6 +134,7 @@ def build_config(workspace: Workspace, base: str, *args: Any) -> TrainConfig:
         preservation_weight=real_number(v["preservation"], "output preservation weight", 0),
         preservation_prompt=v["preservation_prompt"],
         caption_dropout_rate=real_number(v["caption_dropout"], "caption dropout", 0, 0.99),
+        ema_decay=real_number(v["ema"], "EMA decay", 0, 0.9999),
         seed=whole_number(v["seed"], "seed", 0),
         checkpoint_every_steps=every,
         sample_prompts=prompts,
@@ -289,6 +292,11 @@ def build(runner: JobRunner, workspace: Workspace, models: ModelCache, base_box:
             label="Caption dropout (share of steps on the empty prompt)",
             value=d["caption_dropout"],
             elem_id="train-caption-dropout",
+        )
+        c["ema"] = gr.Number(
+            label="EMA decay (export a moving average of the weights, e.g. 0.99; 0: off)",
+            value=d["ema"],
+            elem_id="train-ema",
         )
     c["sample_prompts"] = gr.Textbox(
         label="Sample prompts (one per line; rendered at each checkpoint)", lines=2, elem_id="train-samples"
