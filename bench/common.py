@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -110,6 +111,72 @@ def subset(source: Path, count: int, folder: Path) -> Path:
         if caption.is_file():
             shutil.copy(caption, folder / caption.name)
     return folder
+
+
+def full_finetune(base: BaseModel, config, steps: int, lr: float) -> float:
+    """Fine-tune every UNet weight on `config`'s data folder with AdamW, the text encoder frozen; returns seconds.
+
+    The reference the LoRA is measured against: the same captions, resolution, batch size, flips, min-SNR
+    weighting, gradient clipping and EMA decay as the LoRA run of `config`, on latents and text embeddings cached
+    once. With an EMA, the averaged weights are left in the UNet."""
+    from diffusers import DDPMScheduler
+
+    from training.data import image_to_tensor, open_image, scan_dataset
+    from training.trainer import min_snr_weights
+
+    pipe = base.pipeline
+    unet = pipe.unet
+    report = scan_dataset(config.data_dir, config.trigger, config.instance_prompt)
+    size = config.resolution or base.native_size
+    with torch.no_grad():
+        pixels = torch.stack(
+            [image_to_tensor(open_image(item.path), (size, size), True, False, None) for item in report.items]
+        )
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        ids = pipe.tokenizer(
+            [item.caption for item in report.items],
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        hidden = pipe.text_encoder(ids)[0]
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet.requires_grad_(True).train()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = list(unet.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    ema = None
+    if config.ema_decay:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=config.ema_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    started = time.time()
+    for _ in range(steps):
+        index = torch.randint(0, len(latents), (config.batch_size,), generator=generator)
+        x = latents[index]
+        if config.random_flip:
+            flip = torch.rand(config.batch_size, generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        noise = torch.randn(x.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+        pred = unet(scheduler.add_noise(x, noise, timesteps), timesteps, hidden[index]).sample
+        loss = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        if config.min_snr_gamma:
+            loss = loss * min_snr_weights(scheduler.alphas_cumprod, timesteps, config.min_snr_gamma, v_pred=False)
+        loss.mean().backward()
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(params)
+    if ema is not None:
+        ema.copy_to(params)
+    unet.eval().requires_grad_(False)
+    return time.time() - started
 
 
 def peak_rss_bytes() -> int:

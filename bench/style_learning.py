@@ -22,20 +22,19 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import full_finetune  # noqa: E402
 from sample_data.evaluate_demo import generate_scenes  # noqa: E402
 from sample_data.evaluator import content_accuracy, load_content_evaluator, load_style_classifier  # noqa: E402
 from sample_data.shapes import COLORS, HELD_OUT_PAIRS, Scene, random_scene  # noqa: E402
 from studio.compose import AdapterStack, load_adapter  # noqa: E402
 from studio.models import load_base  # noqa: E402
 from training.config import PRESETS, TrainConfig  # noqa: E402
-from training.data import image_to_tensor, open_image, scan_dataset  # noqa: E402
 from training.lora import UNET_TARGET_PRESETS  # noqa: E402
-from training.trainer import Trainer, min_snr_weights  # noqa: E402
+from training.trainer import Trainer  # noqa: E402
 
 TRIGGER = "sks"
 
@@ -73,51 +72,6 @@ def score(base, scene_list, evaluator, classifier) -> dict:
         "style_score": round(float(classifier.probability(images).mean()), 4),
         "content": {k: round(v, 4) for k, v in content_accuracy(evaluator, images, scene_list).items()},
     }
-
-
-def full_finetune(
-    base, data_dir: Path, steps: int, batch_size: int, lr: float, seed: int, min_snr_gamma: float
-) -> float:
-    """Fine-tune every UNet weight on the style set (text encoder frozen, the LoRA's loss weights); returns seconds."""
-    report = scan_dataset(data_dir, TRIGGER, f"{TRIGGER} style")
-    pipe = base.pipeline
-    size = base.native_size
-    with torch.no_grad():
-        pixels = torch.stack(
-            [image_to_tensor(open_image(i.path), (size, size), True, False, None) for i in report.items]
-        )
-        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        ids = pipe.tokenizer(
-            [i.caption for i in report.items],
-            padding="max_length",
-            max_length=pipe.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids
-        hidden = pipe.text_encoder(ids)[0]
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    unet = pipe.unet
-    unet.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    started = time.time()
-    for _ in range(steps):
-        index = torch.randint(0, len(latents), (batch_size,), generator=generator)
-        flip = torch.rand(batch_size, generator=generator) < 0.5
-        x = torch.where(flip[:, None, None, None], latents[index].flip(3), latents[index])
-        noise = torch.randn(x.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-        pred = unet(scheduler.add_noise(x, noise, t), t, hidden[index]).sample
-        loss = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        if min_snr_gamma:
-            loss = loss * min_snr_weights(scheduler.alphas_cumprod, t, min_snr_gamma, v_pred=False)
-        loss = loss.mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    unet.eval().requires_grad_(False)
-    return time.time() - started
 
 
 def main() -> None:
@@ -212,15 +166,7 @@ def main() -> None:
 
     if not args.no_full:
         full = load_base("demo")
-        full_seconds = full_finetune(
-            full,
-            data_dir,
-            trained.steps,
-            config.batch_size,
-            lr=args.full_lr,
-            seed=config.seed,
-            min_snr_gamma=config.min_snr_gamma,
-        )
+        full_seconds = full_finetune(full, config, trained.steps, lr=args.full_lr)
         full_prompts = triggered
         result["full_finetune"] = {
             **score(full, full_prompts, evaluator, classifier),

@@ -26,14 +26,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import INK, emit, machine, peak_rss_bytes, run_child, sd15_base, subset  # noqa: E402
+from bench.common import INK, emit, full_finetune, machine, peak_rss_bytes, run_child, sd15_base, subset  # noqa: E402
 from studio.models import CONFIGS_DIR  # noqa: E402
 from training.config import PRESETS, TrainConfig  # noqa: E402
-from training.data import image_to_tensor, open_image, scan_dataset  # noqa: E402
 from training.lora import (  # noqa: E402
     TEXT_ENCODER_TARGET_PRESETS,
     UNET_TARGET_PRESETS,
@@ -66,45 +64,6 @@ def style_config(data_dir: Path, out: Path, steps: int, resolution: int, checkpo
     )
 
 
-def full_finetune(base, config: TrainConfig, steps: int) -> None:
-    """Fine-tune every UNet weight with AdamW (PyTorch defaults), on cached latents and text embeddings."""
-    from diffusers import DDPMScheduler
-
-    pipe = base.pipeline
-    unet = pipe.unet
-    report = scan_dataset(config.data_dir, config.trigger, config.instance_prompt)
-    size = config.resolution
-    with torch.no_grad():
-        images = [open_image(item.path) for item in report.items]
-        pixels = torch.stack([image_to_tensor(image, (size, size), True, False, None) for image in images])
-        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        ids = pipe.tokenizer(
-            [i.caption for i in report.items],
-            padding="max_length",
-            max_length=pipe.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        hidden = pipe.text_encoder(ids)[0]
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    unet.requires_grad_(True).train()
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    params = list(unet.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    generator = torch.Generator().manual_seed(config.seed)
-    for step in range(steps):
-        index = [step % len(latents)]
-        noise = torch.randn(latents[index].shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)
-        pred = unet(scheduler.add_noise(latents[index], noise, timesteps), timesteps, hidden[index]).sample
-        loss = F.mse_loss(pred, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-
 def child(args: dict) -> dict:
     """One configuration in this fresh process; returns its peak memory."""
     from training.trainer import Trainer
@@ -125,7 +84,7 @@ def child(args: dict) -> dict:
         if kind.startswith("lora"):
             Trainer(config, base=base).run()
         elif kind.startswith("full"):
-            full_finetune(base, config, args["steps"])
+            full_finetune(base, config, args["steps"], lr=1e-5)
     return {
         "peak_rss_bytes": peak_rss_bytes(),
         "build_seconds": round(built - started, 2),
