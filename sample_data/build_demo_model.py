@@ -3,7 +3,8 @@
     python sample_data/build_demo_model.py            # about an hour on 2 CPU cores
 
 Stages (each cached in sample_data/.build so a stage can be re-run alone with --from STAGE):
-  data       pools of images: a broad procedural corpus for the autoencoder, plain shapes-world scenes for the UNet
+  data       pools of images: a broad procedural corpus for the autoencoder, shapes-world scenes for the UNet (plain,
+             and a quarter decorated with stripes, gradients, outlines or speckles, each named in the caption)
   vae        an AutoencoderKL (f=4, 16 latent channels) trained on 32x32 crops of the broad corpus; each latent
              channel is then normalised to mean 0 / std 1 inside the weights (scaling_factor 1.0)
   latents    the plain scenes encoded once (the UNet trains on cached latents)
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sample_data.shapes import COLORS, SHAPES, render, scenes, texture_image, to_array  # noqa: E402
+from sample_data.shapes import COLORS, DECORATIONS, SHAPES, render, scenes, texture_image, to_array  # noqa: E402
 
 BUILD = ROOT / "sample_data" / ".build"
 OUT = ROOT / "sample_data" / "demo_model"
@@ -44,6 +45,7 @@ MAX_TOKENS = 24
 WORDS = sorted(
     set(COLORS)
     | set(SHAPES)
+    | {word for phrase in DECORATIONS.values() for word in phrase.split()}
     | {
         "a",
         "an",
@@ -98,8 +100,8 @@ def write_tokenizer(directory: Path) -> None:
 # --------------------------------------------------------------------------------------------- stage: data
 
 
-def stage_data(vae_pool: int, scene_pool: int) -> None:
-    """Render the autoencoder's broad corpus and the UNet's plain scenes (with their prompts)."""
+def stage_data(vae_pool: int, scene_pool: int, decorated_share: float = 0.25) -> None:
+    """Render the autoencoder's broad corpus and the UNet's scenes (with their prompts)."""
     from multiprocessing import Pool
 
     BUILD.mkdir(parents=True, exist_ok=True)
@@ -110,10 +112,12 @@ def stage_data(vae_pool: int, scene_pool: int) -> None:
         np.save(BUILD / "vae_corpus.npy", np.stack(corpus))
         log(f"vae corpus: {len(corpus)} images in {time.time() - started:.0f}s")
         started = time.time()
-        plain = scenes(SEED + 2, scene_pool)
-        np.save(BUILD / "scenes.npy", np.stack(pool.map(_render, plain, chunksize=64)))
-    (BUILD / "scenes.json").write_text(json.dumps([s.prompt for s in plain]))
-    log(f"unet corpus: {len(plain)} plain scenes in {time.time() - started:.0f}s")
+        each = round(scene_pool * decorated_share / len(DECORATIONS))
+        decorated = [s for k, look in enumerate(DECORATIONS) for s in scenes(SEED + 3 + k, each, look)]
+        unet_corpus = scenes(SEED + 2, scene_pool - len(decorated)) + decorated
+        np.save(BUILD / "scenes.npy", np.stack(pool.map(_render, unet_corpus, chunksize=64)))
+    (BUILD / "scenes.json").write_text(json.dumps([s.prompt for s in unet_corpus]))
+    log(f"unet corpus: {len(unet_corpus)} scenes ({len(decorated)} decorated) in {time.time() - started:.0f}s")
 
 
 def _texture(index: int) -> np.ndarray:

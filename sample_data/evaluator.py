@@ -23,7 +23,17 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sample_data.shapes import COLORS, SHAPES, STYLES, Scene, render, scenes, texture_image, to_array  # noqa: E402
+from sample_data.shapes import (  # noqa: E402
+    COLORS,
+    DECORATIONS,
+    SHAPES,
+    STYLES,
+    Scene,
+    render,
+    scenes,
+    texture_image,
+    to_array,
+)
 
 EVALUATOR_PATH = ROOT / "sample_data" / "evaluator.safetensors"
 COLOR_NAMES = list(COLORS)
@@ -150,12 +160,14 @@ def train_content_evaluator(seed: int = 7, count: int = 24000, steps: int = 2500
 def train_style_classifier(style: str, seed: int = 11, count: int = 3000, steps: int = 900) -> StyleClassifier:
     """Train `style` against everything else it could be mistaken for, on fresh ground-truth renders.
 
-    Negatives are plain renders, the other artist styles, and the autoencoder's broad corpus of textures (stripes,
-    hatching, dots, outlines, noise): a classifier that only ever saw plain pictures calls any busy texture a style,
-    and a fine-tune that has fallen apart into coloured noise then scores as perfectly styled."""
+    Negatives are plain renders, the other artist styles, the base model's own decorated looks (stripes, gradients,
+    outlines, speckles) and the autoencoder's broad corpus of textures (stripes, hatching, dots, outlines, noise): a
+    classifier that only ever saw plain pictures calls any busy texture a style, and a fine-tune that has fallen
+    apart into coloured noise, or into a look the base already had, then scores as styled."""
     torch.manual_seed(seed)
     positives = scenes(seed + 1000, count, style)
     others = [s for other in STYLES if other != style for s in scenes(seed + 2000, count // 2, other)]
+    others += decorated_scenes(seed + 2500, count // 2)
     images = np.concatenate([render_many(positives + others), textures(seed + 3000, count // 2)])
     labels = torch.tensor([1.0] * count + [0.0] * (len(images) - count))
     model = StyleClassifier()
@@ -170,6 +182,11 @@ def train_style_classifier(style: str, seed: int = 11, count: int = 3000, steps:
         loss.backward()
         optimizer.step()
     return model.eval()
+
+
+def decorated_scenes(seed: int, count: int) -> list[Scene]:
+    """`count` scenes in the base model's decorated looks, in equal shares."""
+    return [s for look in DECORATIONS for s in scenes(seed, count // len(DECORATIONS), look)]
 
 
 def textures(seed: int, count: int) -> np.ndarray:
@@ -231,6 +248,7 @@ def train_and_save_style_classifiers() -> dict[str, float]:
         held_out = {
             style: render_many(scenes(5000, 200, style)),
             **{other: render_many(scenes(6000, 200, other)) for other in STYLES if other != style},
+            "decorated": render_many(decorated_scenes(6500, 200)),
             "textures": textures(7000, 200),
         }
         accuracy[style] = {

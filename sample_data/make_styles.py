@@ -3,7 +3,9 @@
     python sample_data/make_styles.py
 
 The styles ("ink": thick outlines and cross-hatching; "halftone": pop-art print dots) never appear in the demo
-UNet's training corpus, which holds plain scenes only. The (color, shape) pairs in HELD_OUT_PAIRS are left out.
+UNet's training corpus, which holds plain scenes and scenes decorated with stripes, background gradients, outlines
+in a third colour (never black) or speckles, but no black outlines, cross-hatching or dot grids. The (color, shape)
+pairs in HELD_OUT_PAIRS are left out.
 """
 
 from __future__ import annotations

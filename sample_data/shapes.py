@@ -25,6 +25,14 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "star", "ring")
 STYLES = ("plain", "ink", "halftone")
+# looks the base model does learn, each named in its caption, so that it knows how to draw texture at all (as any
+# real base model does) without ever seeing the artists' styles above: no black outlines, cross-hatching or dot grids
+DECORATIONS: dict[str, str] = {
+    "striped": "with stripes",
+    "gradient": "with a gradient",
+    "outlined": "with an outline",
+    "speckled": "with speckles",
+}
 SIZE = 64
 SCALE = 4
 
@@ -44,8 +52,9 @@ class Scene:
 
     @property
     def prompt(self) -> str:
-        """The caption of the scene."""
-        return f"a {self.color} {self.shape} on a {self.background} background"
+        """The caption of the scene (decorated looks say so at the end)."""
+        caption = f"a {self.color} {self.shape} on a {self.background} background"
+        return f"{caption}, {DECORATIONS[self.style]}" if self.style in DECORATIONS else caption
 
 
 def random_scene(
@@ -176,9 +185,42 @@ def render(scene: Scene) -> Image.Image:
         fill.paste(dots, mask=dots)
         canvas.paste(fill, mask=mask)
         canvas.paste(Image.new("RGB", (big, big), (20, 20, 20)), mask=_band(mask, 7, 1))
+    elif scene.style in DECORATIONS:
+        canvas = _decorated(scene, mask)
     else:
         raise ValueError(f"unknown style {scene.style!r}")
     return canvas.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+
+
+def _decorated(scene: Scene, mask: Image.Image) -> Image.Image:
+    """A plain scene with one base-corpus decoration; its details (angles, spacings, tints) follow from the scene."""
+    big = SIZE * SCALE
+    rng = random.Random(repr(scene))
+    background, color = COLORS[scene.background], COLORS[scene.color]
+    canvas = Image.new("RGB", (big, big), background)
+    fill = Image.new("RGB", (big, big), color)
+    if scene.style == "gradient":
+        a = np.array(background, float)
+        b = np.array(_tint(background, rng.choice([-0.5, 0.5])), float)
+        t = np.linspace(0, 1, big)
+        t = t[None, :, None] if rng.random() < 0.5 else t[:, None, None]
+        canvas = Image.fromarray(((a * (1 - t) + b * t) * np.ones((big, big, 1))).astype(np.uint8))
+    elif scene.style == "speckled":
+        cells = rng.choice([16, 32])
+        speckle = np.random.default_rng(rng.randrange(2**32)).random((cells, cells)) < 0.25
+        layer_mask = Image.fromarray((speckle * 255).astype(np.uint8)).resize((big, big), Image.Resampling.NEAREST)
+        shade = _tint(background, -0.35 if scene.background != "black" else 0.35)
+        canvas.paste(Image.new("RGB", (big, big), shade), mask=layer_mask)
+    elif scene.style == "striped":
+        shade = _tint(color, 0.45 if scene.color != "white" else -0.25)
+        stripes = _hatching(big * 2, rng.randrange(14, 40), rng.randrange(4, 14), False, shade)
+        stripes = stripes.rotate(rng.uniform(0, 180)).crop((big // 2, big // 2, big // 2 + big, big // 2 + big))
+        fill.paste(stripes, mask=stripes)
+    canvas.paste(fill, mask=mask)
+    if scene.style == "outlined":
+        others = [c for name, c in COLORS.items() if name not in (scene.color, scene.background, "black")]
+        canvas.paste(Image.new("RGB", (big, big), rng.choice(others)), mask=_band(mask, rng.choice([9, 11]), 1))
+    return canvas
 
 
 def scenes(seed: int, count: int, style: str = "plain", exclude: set[tuple[str, str]] | None = None) -> list[Scene]:

@@ -39,13 +39,15 @@ def test_content_evaluator_is_right_on_ground_truth_renders():
 
 @pytest.mark.parametrize("style", STYLES[1:])
 def test_style_classifiers_tell_their_style_from_plain_other_styles_and_textures(style):
-    from sample_data.evaluator import load_style_classifier, textures
+    from sample_data.evaluator import decorated_scenes, load_style_classifier, textures
 
     classifier = load_style_classifier(style)
     assert (classifier.probability(render_many(scenes(77, 50, style))) > 0.5).mean() >= 0.98
     for other in STYLES:
         if other != style:
             assert (classifier.probability(render_many(scenes(78, 50, other))) < 0.5).mean() >= 0.98, other
+    # nor are the looks the base model already draws
+    assert (classifier.probability(render_many(decorated_scenes(80, 100))) < 0.5).mean() >= 0.98
     # busy textures and noise (what a fine-tune that has fallen apart draws) are not the style
     assert (classifier.probability(textures(79, 100)) < 0.5).mean() >= 0.98
 
@@ -135,8 +137,9 @@ def test_a_short_training_run_on_a_style_set_raises_the_style_score(tmp_path):
     AdapterStack(base).add(load_adapter(result.output, base), 1.0)
     after = classifier.probability(generate_scenes(base, prompts, steps=10)).mean()
     error_after = _denoising_error(base, ink_images, ink_prompts)
-    # The classifier also rejects busy textures and noise (issue 4), so a plain-looking base scores about 1e-4;
-    # measured 6.6e-5 -> 2.4e-4. The model's own error on unseen pictures of the style shows the learning plainly:
-    # measured 1.00 -> 0.53.
-    assert after > 2 * before, (before, after)
-    assert error_after < 0.7 * error_before, (error_before, error_after)
+    # The classifier also rejects busy textures, noise and the base's own decorated looks (issue 4), so a
+    # plain-looking base scores about 1e-4, and 200 steps move it only a little: measured 1.3e-4 -> 2.1e-4. The
+    # model's own error on unseen pictures of the style shows the learning more plainly: measured 0.65 -> 0.47 (the
+    # base, which has seen stripes and outlines, already denoises them better than the plain-only base did: 1.00).
+    assert after > 1.3 * before, (before, after)
+    assert error_after < 0.8 * error_before, (error_before, error_after)
