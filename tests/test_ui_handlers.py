@@ -141,6 +141,24 @@ def test_open_dataset_reports_kept_and_skipped_with_crops_and_stats(tmp_path):
     assert "resolution must be a whole number" in dataset_tab.open_dataset(workspace, "mixed", "big")[-1]
 
 
+def test_dataset_preview_buckets_follow_the_loaded_models_family(tmp_path):
+    from studio.tiny import build_tiny_pipeline
+
+    workspace = Workspace(tmp_path / "ws")
+    dataset_tab.upload(workspace, "wide", [], str(write_style_images(tmp_path / "images", count=1, size=(96, 64))))
+    models = ModelCache()
+    assert dataset_tab.bucket_step_of(models) == 64  # nothing loaded: SD 1.x's buckets
+    models.get(str(build_tiny_pipeline(tmp_path / "xl", family="sdxl")))
+    assert dataset_tab.bucket_step_of(models) == 32
+    sd1_rows = dataset_tab.open_dataset(workspace, "wide", 512)[0]
+    rows, *_, stats, _status = dataset_tab.open_dataset(workspace, "wide", 512, dataset_tab.bucket_step_of(models))
+    bucket = rows[0][2].split("bucket ")[1].split(";")[0]
+    width, height = (int(side) for side in bucket.split("x"))
+    # a 3:2 picture gets a bucket SD 1.x's 64-px grid does not have, as the SDXL trainer will use
+    assert width % 32 == height % 32 == 0 and (width % 64 or height % 64), bucket
+    assert bucket not in sd1_rows[0][2] and "steps of 32px" in stats
+
+
 def test_captions_and_trigger_are_saved_beside_the_images(tmp_path):
     workspace = Workspace(tmp_path / "ws")
     images = write_style_images(tmp_path / "images", count=2, captions=False)

@@ -62,7 +62,7 @@ def build_app(
         base_box.change(describe_base, base_box, base_status)
         load.click(lambda s: load_model(models, s), base_box, loaded)
         with gr.Tab("Dataset", elem_id="tab-dataset") as dataset_page:
-            datasets = dataset_tab.build(workspace)
+            datasets = dataset_tab.build(workspace, models)
         with gr.Tab("Train", elem_id="tab-train") as train_page:
             trained = train_tab.build(runner, workspace, models, base_box)
         with gr.Tab("Generate", elem_id="tab-generate") as generate_page:

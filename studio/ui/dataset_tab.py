@@ -10,7 +10,7 @@ import gradio as gr
 from studio import atomic
 from studio.library import Workspace, safe_name
 from studio.models import SD1
-from studio.ui.common import reports_errors, uploaded_paths, whole_number
+from studio.ui.common import ModelCache, reports_errors, uploaded_paths, whole_number
 from training.config import TrainConfig
 from training.data import DatasetReport, assign_bucket, crop_box, make_buckets, open_image, scan_dataset
 
@@ -27,17 +27,23 @@ def scan(workspace: Workspace, name: str) -> DatasetReport:
     return scan_dataset(folder, trigger, f"{trigger} {settings['class_noun']}".strip())
 
 
-def buckets_for(resolution: int) -> list[tuple[int, int]]:
-    """The aspect-ratio buckets training at `resolution` uses (the trainer's defaults for SD 1.x)."""
+def buckets_for(resolution: int, bucket_step: int = SD1.bucket_step) -> list[tuple[int, int]]:
+    """The aspect-ratio buckets training at `resolution` uses (the trainer's defaults; the family's bucket step)."""
     defaults = TrainConfig()
     return make_buckets(
-        resolution, SD1.bucket_step, min(defaults.min_bucket_resolution, resolution), defaults.max_bucket_resolution
+        resolution, bucket_step, min(defaults.min_bucket_resolution, resolution), defaults.max_bucket_resolution
     )
 
 
-def report_rows(report: DatasetReport, resolution: int) -> list[list[str]]:
+def bucket_step_of(models: ModelCache | None) -> int:
+    """The loaded base model's bucket step (SDXL: 32 px), else SD 1.x's 64 px."""
+    loaded = models.loaded if models is not None else None
+    return loaded.family.bucket_step if loaded is not None else SD1.bucket_step
+
+
+def report_rows(report: DatasetReport, resolution: int, bucket_step: int = SD1.bucket_step) -> list[list[str]]:
     """One row per file: kept (with size, bucket and any note such as a near-duplicate) or skipped (with the reason)."""
-    buckets = buckets_for(resolution)
+    buckets = buckets_for(resolution, bucket_step)
     rows = []
     for item in report.items:
         bucket = assign_bucket(item.width, item.height, buckets)
@@ -48,9 +54,9 @@ def report_rows(report: DatasetReport, resolution: int) -> list[list[str]]:
     return sorted(rows)
 
 
-def thumbnails(report: DatasetReport, resolution: int) -> list[tuple[str, str]]:
+def thumbnails(report: DatasetReport, resolution: int, bucket_step: int = SD1.bucket_step) -> list[tuple[str, str]]:
     """(thumbnail path, caption) per kept image: exactly the centre crop training will use, scaled down."""
-    buckets = buckets_for(resolution)
+    buckets = buckets_for(resolution, bucket_step)
     thumbs = report.root / ".thumbs"
     thumbs.mkdir(exist_ok=True)
     out = []
@@ -69,7 +75,7 @@ def thumbnails(report: DatasetReport, resolution: int) -> list[tuple[str, str]]:
     return out
 
 
-def statistics_text(report: DatasetReport, resolution: int) -> str:
+def statistics_text(report: DatasetReport, resolution: int, bucket_step: int = SD1.bucket_step) -> str:
     """Dataset statistics as Markdown: counts, sizes, buckets, captions, most frequent tags."""
     items = report.items
     lines = [f"**{len(items)} image(s) kept, {len(report.skipped)} file(s) skipped**"]
@@ -83,7 +89,7 @@ def statistics_text(report: DatasetReport, resolution: int) -> str:
         return "\n\n".join(lines + ["Upload images to see statistics."])
     widths = [i.width for i in items]
     heights = [i.height for i in items]
-    buckets = buckets_for(resolution)
+    buckets = buckets_for(resolution, bucket_step)
     counts: dict[str, int] = {}
     for item in items:
         b = assign_bucket(item.width, item.height, buckets)
@@ -95,7 +101,8 @@ def statistics_text(report: DatasetReport, resolution: int) -> str:
     lines += [
         f"- sizes: width {min(widths)}-{max(widths)} (median {statistics.median(widths):g}), "
         f"height {min(heights)}-{max(heights)} (median {statistics.median(heights):g})",
-        f"- buckets at {resolution}px: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
+        f"- buckets at {resolution}px (sides in steps of {bucket_step}px): "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
         f"- captions: {sidecars} of {len(items)} images have a .txt sidecar; {words:.1f} words on average",
         "- top tags: " + ", ".join(f"`{t}` ({n})" for t, n in top),
     ]
@@ -118,7 +125,7 @@ def upload(workspace: Workspace, name: str, files, folder: str) -> tuple[str, di
 
 
 @reports_errors(outputs=7, status=6)
-def open_dataset(workspace: Workspace, name: str, resolution) -> tuple:
+def open_dataset(workspace: Workspace, name: str, resolution, bucket_step: int = SD1.bucket_step) -> tuple:
     """(report rows, thumbnails, trigger, class noun, caption rows, statistics, status) of a dataset."""
     resolution = whole_number(resolution, "resolution", 64, 4096)
     report = scan(workspace, name)
@@ -126,12 +133,12 @@ def open_dataset(workspace: Workspace, name: str, resolution) -> tuple:
     captions = [list(row) for row in workspace.captions(name)]
     status = f"Opened dataset `{name}` ({report.root})."
     return (
-        report_rows(report, resolution),
-        thumbnails(report, resolution),
+        report_rows(report, resolution, bucket_step),
+        thumbnails(report, resolution, bucket_step),
         settings["trigger"],
         settings["class_noun"],
         captions or [["", ""]],
-        statistics_text(report, resolution),
+        statistics_text(report, resolution, bucket_step),
         status,
     )
 
@@ -163,7 +170,7 @@ def dataset_choices(workspace: Workspace) -> dict:
     return gr.update(choices=workspace.list_datasets())
 
 
-def build(workspace: Workspace) -> dict:
+def build(workspace: Workspace, models: ModelCache | None = None) -> dict:
     """Lay out the Dataset tab; return the components other tabs listen to."""
     gr.Markdown("Create a dataset (or reopen one), add images, check what training will see, and caption them.")
     with gr.Row():
@@ -171,7 +178,10 @@ def build(workspace: Workspace) -> dict:
             choices=workspace.list_datasets(), label="Dataset", allow_custom_value=True, elem_id="dataset-name"
         )
         resolution = gr.Number(
-            label="Training resolution (for the crop preview)", value=512, precision=0, elem_id="dataset-resolution"
+            label="Training resolution (for the crop preview; buckets follow the loaded model's family)",
+            value=512,
+            precision=0,
+            elem_id="dataset-resolution",
         )
         refresh = gr.Button("Refresh list", size="sm")
     with gr.Row():
@@ -216,13 +226,13 @@ def build(workspace: Workspace) -> dict:
     opened = [report, thumbs, trigger, class_noun, captions, stats, status]
 
     def reopen(n, r):  # after an upload or save: refresh everything but keep that action's message
-        return open_dataset(workspace, n, r)[:-1]
+        return open_dataset(workspace, n, r, bucket_step_of(models))[:-1]
 
     add.click(
         lambda n, f, d: upload(workspace, n, f, d), [name, files, folder], [status, name], show_progress="minimal"
     ).then(reopen, [name, resolution], opened[:-1])
-    open_button.click(lambda n, r: open_dataset(workspace, n, r), [name, resolution], opened)
-    name.select(lambda n, r: open_dataset(workspace, n, r), [name, resolution], opened)
+    open_button.click(lambda n, r: open_dataset(workspace, n, r, bucket_step_of(models)), [name, resolution], opened)
+    name.select(lambda n, r: open_dataset(workspace, n, r, bucket_step_of(models)), [name, resolution], opened)
     save_trigger.click(lambda n, t, c: save_settings(workspace, n, t, c), [name, trigger, class_noun], status).then(
         reopen, [name, resolution], opened[:-1]
     )
