@@ -427,6 +427,38 @@ def test_app_builds_and_the_base_picker_reports(tmp_path, tiny_model_dir):
     assert "base model not found" in load_model(models, str(tmp_path / "nowhere"))
 
 
+def test_the_pickers_prediction_type_reloads_the_model_and_reaches_training(tmp_path):
+    import functools
+
+    from safetensors.torch import load_file, save_file
+
+    from studio.convert import save_single_file
+    from studio.models import load_base
+    from studio.tiny import build_tiny_pipeline
+    from studio.ui.app import choose_prediction_type
+
+    folder = build_tiny_pipeline(tmp_path / "sd2", seed=2, family="sd2")
+    # an SD 2.x file without the model-spec header: nothing in it says epsilon or v-prediction
+    checkpoint = tmp_path / "sd2.safetensors"
+    save_file(load_file(str(save_single_file(folder, tmp_path / "with_header.safetensors"))), str(checkpoint))
+    models = ModelCache(functools.partial(load_base, config_dir=str(folder)))
+    first = models.get(str(checkpoint))
+    assert "predicts epsilon" in models.describe()  # the config folder's scheduler decided
+    assert "v_prediction from the next use" in choose_prediction_type(models, "v_prediction")
+    reloaded = models.get(str(checkpoint))
+    assert reloaded is not first and reloaded.pipeline.scheduler.config.prediction_type == "v_prediction"
+    assert "v-prediction" in models.describe() and models.get(str(checkpoint)) is reloaded  # no second reload
+    workspace = Workspace(tmp_path / "ws")
+    write_style_images(workspace.dataset_dir("ok"), count=2)
+    config = train_tab.build_config(
+        workspace, str(checkpoint), *_train_args(dataset="ok"), prediction_type="v_prediction"
+    )
+    assert config.prediction_type == "v_prediction"
+    assert "prediction type must be one of" in choose_prediction_type(models, "x0")
+    choose_prediction_type(models, "auto")
+    assert models.get(str(checkpoint)).pipeline.scheduler.config.prediction_type == "epsilon"
+
+
 def test_train_tab_passes_output_preservation_caption_dropout_and_ema_to_the_config(tmp_path, tiny_model_dir):
     workspace = Workspace(tmp_path / "ws")
     write_style_images(workspace.dataset_dir("ok"), count=2)

@@ -10,7 +10,7 @@ from studio.jobs import JobRunner
 from studio.library import Workspace
 from studio.models import resolve_spec
 from studio.ui import compare_tab, dataset_tab, generate_tab, library_tab, train_tab
-from studio.ui.common import ModelCache, error_text
+from studio.ui.common import PREDICTION_TYPES, ModelCache, error_text
 
 CSS = "#train-progress progress { height: 18px; } .train-error { color: #b00020; }"
 MAX_UPLOAD_MB = 2048  # one uploaded file (a dataset zip is at most 2 GiB unpacked too)
@@ -37,6 +37,15 @@ def load_model(models: ModelCache, spec: str) -> str:
     return models.describe()
 
 
+def choose_prediction_type(models: ModelCache, choice: str) -> str:
+    """Load base models with `choice` from now on; say what is loaded and what changes."""
+    try:
+        models.set_prediction_type(choice)
+    except ValueError as exc:
+        return f"{error_text(exc)}\n\n{models.describe()}"
+    return models.describe()
+
+
 def build_app(
     workspace: Workspace,
     base: str = "demo",
@@ -55,12 +64,20 @@ def build_app(
                 scale=3,
                 elem_id="base-model",
             )
+            prediction = gr.Dropdown(
+                list(PREDICTION_TYPES),
+                value="auto",
+                label="Prediction type (SD 2.x single files do not say)",
+                scale=1,
+                elem_id="base-prediction",
+            )
             load = gr.Button("Load model", scale=0, elem_id="base-load")
             with gr.Column(scale=3):
                 base_status = gr.Markdown(describe_base(base), elem_id="base-status")
                 loaded = gr.Markdown(models.describe(), elem_id="base-loaded")
         base_box.change(describe_base, base_box, base_status)
         load.click(lambda s: load_model(models, s), base_box, loaded)
+        prediction.change(lambda p: choose_prediction_type(models, p), prediction, loaded)
         with gr.Tab("Dataset", elem_id="tab-dataset") as dataset_page:
             datasets = dataset_tab.build(workspace, models)
         with gr.Tab("Train", elem_id="tab-train") as train_page:

@@ -17,6 +17,8 @@ from studio.compose import AdapterStack
 from studio.models import BaseModel, load_base, resolve_spec
 
 logger = logging.getLogger(__name__)
+# the model picker's choices; "auto" lets the file's metadata, a .yaml beside it, or the family's default decide
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 # Errors a user can cause and fix; their message is shown as is.
 EXPECTED_ERRORS = (ValueError, OSError, KeyError, zipfile.BadZipFile)
 
@@ -102,10 +104,11 @@ def uploaded_paths(files: Any) -> list[Path]:
 class ModelCache:
     """The loaded base model (one at a time, server-wide) and its adapter stack; `lock` serialises pipeline use."""
 
-    def __init__(self, loader: Callable[[str], BaseModel] = load_base):
+    def __init__(self, loader: Callable[..., BaseModel] = load_base):
         self._loader = loader
         self.lock = threading.RLock()
-        self._spec: str | None = None
+        self.prediction_type: str | None = None  # None: decided by the model (see load_base)
+        self._spec: tuple[str, str | None] | None = None
         self._base: BaseModel | None = None
         self._stack: AdapterStack | None = None
 
@@ -113,13 +116,21 @@ class ModelCache:
         """The base model for `spec`, loading it (and dropping the previous one) if needed."""
         spec = (spec or "").strip()
         with self.lock:
-            if self._base is None or spec != self._spec:
+            chosen = self.prediction_type
+            if self._base is None or (spec, chosen) != self._spec:
                 resolve_spec(spec)  # a readable error before the slow part
                 self._base, self._stack, self._spec = None, None, None
-                self._base = self._loader(spec)
+                self._base = self._loader(spec) if chosen is None else self._loader(spec, prediction_type=chosen)
                 self._stack = AdapterStack(self._base)
-                self._spec = spec
+                self._spec = (spec, chosen)
             return self._base
+
+    def set_prediction_type(self, choice: str) -> None:
+        """Load with `choice` ("auto", "epsilon", "v_prediction") from the next use on; SD 2.x single files need it."""
+        if choice not in PREDICTION_TYPES:
+            raise ValueError(f"prediction type must be one of {', '.join(PREDICTION_TYPES)}, not {choice!r}")
+        with self.lock:
+            self.prediction_type = None if choice == "auto" else choice
 
     def stack(self, spec: str) -> AdapterStack:
         """The adapter stack installed on the base model for `spec`."""
@@ -138,4 +149,8 @@ class ModelCache:
         if base is None:
             return "No base model loaded yet (it loads on first use)."
         size = base.native_size
-        return f"Loaded: **{base.name}** - {base.family.label}, native size {size}x{size}"
+        predicts = base.pipeline.scheduler.config.get("prediction_type", "epsilon")
+        text = f"Loaded: **{base.name}** - {base.family.label}, native size {size}x{size}, predicts {predicts}"
+        if self.prediction_type not in (None, predicts):
+            text += f" ({self.prediction_type} from the next use: it reloads)"
+        return text

@@ -94,8 +94,8 @@ def as_args(values: dict[str, Any]) -> list[Any]:
     return [values[f] for f in FIELDS]
 
 
-def build_config(workspace: Workspace, base: str, *args: Any) -> TrainConfig:
-    """The TrainConfig for the tab's values (a ValueError names any bad value)."""
+def build_config(workspace: Workspace, base: str, *args: Any, prediction_type: str | None = None) -> TrainConfig:
+    """The TrainConfig for the tab's values and the picker's prediction type (a ValueError names any bad value)."""
     v = dict(zip(FIELDS, args, strict=True))
     if not (v["dataset"] or "").strip():
         raise ValueError("no images: choose a dataset (make one in the Dataset tab)")
@@ -112,6 +112,7 @@ def build_config(workspace: Workspace, base: str, *args: Any) -> TrainConfig:
     return TrainConfig.from_preset(
         preset,
         base=(base or "").strip(),
+        prediction_type=prediction_type or "",
         data_dir=str(data_dir),
         output=str(workspace.adapter_path(name)),
         work_dir=str(workspace.run_dir(name)),
@@ -152,7 +153,7 @@ ESTIMATE_DEVICES = [
 def plan(models: ModelCache, workspace: Workspace, base: str, *args: Any, device: str = "auto") -> str:
     """The live plan for the current settings with a time and memory estimate for `device`, or what is wrong."""
     try:
-        config = build_config(workspace, base, *args)
+        config = build_config(workspace, base, *args, prediction_type=models.prediction_type)
         return describe_plan(config, models.get(base), Device.parse(device))
     except Exception as exc:  # the plan is advisory: show why it cannot be computed
         from studio.ui.common import error_text
@@ -161,9 +162,9 @@ def plan(models: ModelCache, workspace: Workspace, base: str, *args: Any, device
 
 
 @reports_errors(outputs=1, status=0)
-def start(runner: JobRunner, workspace: Workspace, base: str, *args: Any) -> str:
+def start(runner: JobRunner, workspace: Workspace, base: str, *args: Any, prediction_type: str | None = None) -> str:
     """Queue a run from the tab's values; it starts when the training slot is free."""
-    config = build_config(workspace, base, *args)
+    config = build_config(workspace, base, *args, prediction_type=prediction_type)
     if workspace.adapter_path(config.output_name).exists():
         raise ValueError(f"an adapter named {config.output_name!r} already exists; choose another name")
     job = runner.submit(config)
@@ -338,7 +339,7 @@ def build(runner: JobRunner, workspace: Workspace, models: ModelCache, base_box:
         c["preset"],
         [c[f] for f in PRESET_FIELDS],
     )
-    go.click(lambda *v: start(runner, workspace, *v), inputs, message)
+    go.click(lambda *v: start(runner, workspace, *v, prediction_type=models.prediction_type), inputs, message)
     stop.click(lambda n: cancel(runner, n), job_pick, message)
     again.click(lambda n: resume(runner, n), job_pick, message)
     refresh.click(lambda: gr.update(choices=workspace.list_datasets()), None, c["dataset"])
