@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import gradio as gr
 
@@ -30,18 +31,19 @@ def describe_base(spec: str) -> str:
 
 def load_model(models: ModelCache, spec: str) -> str:
     """Load the chosen base model now; say what is loaded (family, size) or why it failed."""
-    try:
-        models.get(spec)
-    except Exception as exc:
-        return f"{error_text(exc)}\n\n{models.describe()}"
-    return models.describe()
+    return _then_describe(models, lambda: models.get(spec))
 
 
 def choose_prediction_type(models: ModelCache, choice: str) -> str:
     """Load base models with `choice` from now on; say what is loaded and what changes."""
+    return _then_describe(models, lambda: models.set_prediction_type(choice))
+
+
+def _then_describe(models: ModelCache, action: Callable[[], object]) -> str:
+    """Run a model-picker action; what is loaded afterwards, under the error if it failed."""
     try:
-        models.set_prediction_type(choice)
-    except ValueError as exc:
+        action()
+    except Exception as exc:
         return f"{error_text(exc)}\n\n{models.describe()}"
     return models.describe()
 

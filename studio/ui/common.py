@@ -108,7 +108,7 @@ class ModelCache:
         self._loader = loader
         self.lock = threading.RLock()
         self.prediction_type: str | None = None  # None: decided by the model (see load_base)
-        self._spec: tuple[str, str | None] | None = None
+        self._loaded_for: tuple[str, str | None] | None = None  # (spec, prediction type) of `_base`
         self._base: BaseModel | None = None
         self._stack: AdapterStack | None = None
 
@@ -117,12 +117,12 @@ class ModelCache:
         spec = (spec or "").strip()
         with self.lock:
             chosen = self.prediction_type
-            if self._base is None or (spec, chosen) != self._spec:
+            if self._base is None or (spec, chosen) != self._loaded_for:
                 resolve_spec(spec)  # a readable error before the slow part
-                self._base, self._stack, self._spec = None, None, None
+                self._base, self._stack, self._loaded_for = None, None, None
                 self._base = self._loader(spec) if chosen is None else self._loader(spec, prediction_type=chosen)
                 self._stack = AdapterStack(self._base)
-                self._spec = (spec, chosen)
+                self._loaded_for = (spec, chosen)
             return self._base
 
     def set_prediction_type(self, choice: str) -> None:

@@ -225,14 +225,17 @@ def build(workspace: Workspace, models: ModelCache | None = None) -> dict:
 
     opened = [report, thumbs, trigger, class_noun, captions, stats, status]
 
+    def show(n, r):
+        return open_dataset(workspace, n, r, bucket_step_of(models))
+
     def reopen(n, r):  # after an upload or save: refresh everything but keep that action's message
-        return open_dataset(workspace, n, r, bucket_step_of(models))[:-1]
+        return show(n, r)[:-1]
 
     add.click(
         lambda n, f, d: upload(workspace, n, f, d), [name, files, folder], [status, name], show_progress="minimal"
     ).then(reopen, [name, resolution], opened[:-1])
-    open_button.click(lambda n, r: open_dataset(workspace, n, r, bucket_step_of(models)), [name, resolution], opened)
-    name.select(lambda n, r: open_dataset(workspace, n, r, bucket_step_of(models)), [name, resolution], opened)
+    open_button.click(show, [name, resolution], opened)
+    name.select(show, [name, resolution], opened)
     save_trigger.click(lambda n, t, c: save_settings(workspace, n, t, c), [name, trigger, class_noun], status).then(
         reopen, [name, resolution], opened[:-1]
     )
