@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import INK, emit, full_finetune, machine, peak_rss_bytes, run_child, sd15_base, subset  # noqa: E402
 from studio.models import CONFIGS_DIR  # noqa: E402
 from training.config import PRESETS, TrainConfig  # noqa: E402
+from training.estimate import lora_parameter_count  # noqa: E402
 from training.lora import (  # noqa: E402
     TEXT_ENCODER_TARGET_PRESETS,
     UNET_TARGET_PRESETS,
@@ -109,14 +110,7 @@ def meta_models(family: str):
 
 
 def _lora_count(model, paths: list[str], rank: int) -> int:
-    total = 0
-    for path in paths:
-        module = model.get_submodule(path)
-        if isinstance(module, torch.nn.Conv2d):
-            total += rank * (module.in_channels + module.out_channels)
-        else:
-            total += rank * (module.in_features + module.out_features)
-    return total
+    return sum(lora_parameter_count(model.get_submodule(path), rank) for path in paths)
 
 
 def parameter_counts(family: str, rank: int = 16) -> dict:

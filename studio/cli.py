@@ -60,7 +60,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--lr", type=float, help="UNet learning rate")
     p.add_argument("--te-lr", type=float, help="text-encoder learning rate")
     p.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, help="also train the text encoder")
-    p.add_argument("--targets", choices=["cross_attn", "attn", "kohya"], help="UNet modules to adapt")
+    p.add_argument("--targets", choices=["cross_attn", "attn", "kohya", "locon"], help="UNet modules to adapt")
     p.add_argument(
         "--clip-skip", type=int, help="SD 1.x/2.x text-encoder layer from the end: 1 = last (default), 2 = penultimate"
     )

@@ -102,3 +102,11 @@ def test_prediction_type_for_sd2_single_files_reaches_the_config_and_is_checked(
 def test_argument_errors_exit_with_usage(argv):
     with pytest.raises(SystemExit):
         main(argv)
+
+
+def test_every_unet_target_preset_is_a_targets_choice():
+    from training.lora import UNET_TARGET_PRESETS
+
+    for targets in UNET_TARGET_PRESETS:
+        args = build_parser().parse_args(["train", "--targets", targets])
+        assert build_train_config(args).unet_targets == targets

@@ -207,3 +207,27 @@ def test_real_sdxl_config_gives_kohyas_722_unet_and_264_text_encoder_modules():
         assert name in unet_names, name
     assert "lora_te1_text_model_encoder_layers_11_self_attn_q_proj" in te_names
     assert "lora_te2_text_model_encoder_layers_31_mlp_fc2" in te_names
+
+
+def test_sdxl_locon_names_are_kohyas_sgm_names():
+    from diffusers import UNet2DConditionModel
+
+    from studio.adapters import kohya_unet_name
+    from studio.models import SDXL
+    from studio.tiny import load_config
+    from training.lora import LoraSpec, unet_targets
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**load_config("sdxl_base", "unet"))
+    paths = unet_targets(unet, LoraSpec(unet_targets="locon"))
+    names = {kohya_unet_name(SDXL, path, unet.config) for path in paths}
+    assert len(names) == len(paths)
+    for name in (
+        "lora_unet_input_blocks_1_0_in_layers_2",
+        "lora_unet_input_blocks_1_0_emb_layers_1",
+        "lora_unet_input_blocks_3_0_op",
+        "lora_unet_input_blocks_4_0_skip_connection",
+        "lora_unet_middle_block_2_out_layers_3",
+        "lora_unet_output_blocks_2_2_conv",
+    ):
+        assert name in names, name

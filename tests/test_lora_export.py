@@ -20,7 +20,7 @@ from studio.adapters import (
 from studio.models import SD1, load_base
 from studio.tiny import load_sd15_config
 from tests.helpers import hand_merge, randomize_lora_up, render
-from training.lora import LoraSpec, inject_lora
+from training.lora import LoraSpec, inject_lora, unet_targets
 
 
 def _adapted(tiny_model_dir, spec):
@@ -58,7 +58,7 @@ def test_target_presets_select_the_documented_modules(tiny_model_dir):
     assert trainable and all("lora_" in n for n in trainable)
 
 
-def test_sd15_kohya_preset_has_192_unet_and_72_te_modules_and_rank8_is_9_mib(tmp_path):
+def test_sd15_kohya_preset_has_192_unet_and_72_te_modules_and_rank8_is_9_mib_locon_278(tmp_path):
     with init_empty_weights():
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
@@ -67,6 +67,7 @@ def test_sd15_kohya_preset_has_192_unet_and_72_te_modules_and_rank8_is_9_mib(tmp
         text_encoder = CLIPTextModel(CLIPTextConfig(**load_sd15_config("text_encoder")))
     unet.to_empty(device="cpu")
     text_encoder.to_empty(device="cpu")
+    assert len(unet_targets(unet, LoraSpec(unet_targets="locon"))) == 278  # kohya's count with conv_dim set
     counts = inject_lora(
         unet, [text_encoder], LoraSpec(rank=8, alpha=8, unet_targets="kohya", text_encoder_targets="attn_mlp")
     )
@@ -175,4 +176,17 @@ def test_export_loads_in_diffusers_and_equals_hand_merged_weights(tiny_model_dir
     base = _adapted(tiny_model_dir, LoraSpec(rank=4, alpha=2.0, unet_targets="kohya", text_encoder_targets="attn_mlp"))
     path = tmp_path / "interop.safetensors"
     save_adapter(path, kohya_state_dict(SD1, base.unet, base.text_encoders), _metadata(), dtype="fp16")
+    assert_loads_in_diffusers_like_a_hand_merge(tiny_model_dir, path)
+
+
+def test_locon_adapts_resnet_convs_and_loads_in_diffusers_like_a_hand_merge(tiny_model_dir, tmp_path):
+    base = _adapted(tiny_model_dir, LoraSpec(rank=4, alpha=2.0, unet_targets="locon", text_encoder_targets=None))
+    path = tmp_path / "locon.safetensors"
+    save_adapter(path, kohya_state_dict(SD1, base.unet, base.text_encoders), _metadata(), dtype="fp32")
+    tensors = read_adapter(path).tensors
+    conv1 = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert tensors[f"{conv1}.lora_down.weight"].shape[::2] == (4, 3) and tensors[f"{conv1}.lora_down.weight"].dim() == 4
+    assert tensors[f"{conv1}.lora_up.weight"].shape[1:] == (4, 1, 1)
+    for name in ("down_blocks_0_downsamplers_0_conv", "up_blocks_0_upsamplers_0_conv", "mid_block_resnets_0_conv2"):
+        assert f"lora_unet_{name}.lora_down.weight" in tensors, name
     assert_loads_in_diffusers_like_a_hand_merge(tiny_model_dir, path)

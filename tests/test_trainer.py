@@ -62,13 +62,23 @@ def _fixed_batch_loss(pipeline, data_dir) -> float:
     return sum(losses) / len(losses)
 
 
-def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("targets", ["kohya", "locon"])
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_model_dir, tmp_path, targets):
     data = write_style_images(tmp_path / "data", count=2)
     for txt in data.glob("*.txt"):  # the trainer prepends the trigger; keep evaluation captions identical
         txt.write_text("sks, " + txt.read_text())
     out = tmp_path / "out" / "learned.safetensors"
-    result = train(_config(tiny_model_dir, data, out, max_train_steps=40, unet_lr=3e-3, text_encoder_lr=1e-3))
+    config = _config(tiny_model_dir, data, out, max_train_steps=40, unet_lr=3e-3, text_encoder_lr=1e-3)
+    result = train(config.replace(unet_targets=targets))
     assert result.steps == 40 and len(result.losses) == 40
+    adapter = read_adapter(out)
+    convs = [n for n in adapter.module_names if n.endswith(("_conv1", "_conv2"))]
+    network_args = json.loads(adapter.metadata["ss_network_args"])
+    if targets == "locon":  # kohya's LoCon: 3x3 conv LoRAs, and the conv rank and alpha named as kohya names them
+        assert adapter.tensors[f"{convs[0]}.lora_down.weight"].dim() == 4
+        assert (network_args["conv_dim"], network_args["conv_alpha"]) == ("4", "4")
+    else:
+        assert not convs and "conv_dim" not in network_args
     before = _fixed_batch_loss(load_base(str(tiny_model_dir)).pipeline, data)
     adapted = load_base(str(tiny_model_dir)).pipeline
     adapted.load_lora_weights(str(out))

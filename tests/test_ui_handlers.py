@@ -20,6 +20,7 @@ from studio.ui import compare_tab, dataset_tab, generate_tab, library_tab, train
 from studio.ui.app import build_app, describe_base, load_model, parse_auth
 from studio.ui.common import ModelCache
 from tests.helpers import make_adapter, write_style_images
+from training.lora import UNET_TARGET_PRESETS
 
 
 def _png_bytes(color=(200, 30, 30), size=(64, 64)) -> bytes:
@@ -198,14 +199,15 @@ def test_train_settings_are_validated(tmp_path, tiny_model_dir):
     assert runner.list_jobs() == []
 
 
-def test_plan_counts_exactly_what_training_trains(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("targets", ["attn", "locon"])
+def test_plan_counts_exactly_what_training_trains(tmp_path, tiny_model_dir, targets):
     from studio.models import load_base
     from training.lora import count_parameters, inject_lora
 
     workspace = Workspace(tmp_path / "ws")
     write_style_images(workspace.dataset_dir("ok"), count=6)
     models = ModelCache()
-    args = _train_args(dataset="ok", steps=0, epochs=2, batch_size=2, train_te=True, rank=4)
+    args = _train_args(dataset="ok", steps=0, epochs=2, batch_size=2, train_te=True, rank=4, targets=targets)
     text = train_tab.plan(models, workspace, str(tiny_model_dir), *args)
     config = train_tab.build_config(workspace, str(tiny_model_dir), *args)
     base = load_base(str(tiny_model_dir))
@@ -462,10 +464,13 @@ def test_the_pickers_prediction_type_reloads_the_model_and_reaches_training(tmp_
 def test_train_tab_passes_output_preservation_caption_dropout_and_ema_to_the_config(tmp_path, tiny_model_dir):
     workspace = Workspace(tmp_path / "ws")
     write_style_images(workspace.dataset_dir("ok"), count=2)
-    args = _train_args(dataset="ok", preservation=1.5, preservation_prompt="blank", caption_dropout=0.1, ema=0.99)
+    args = _train_args(
+        dataset="ok", preservation=1.5, preservation_prompt="blank", caption_dropout=0.1, ema=0.99, targets="locon"
+    )
     config = train_tab.build_config(workspace, str(tiny_model_dir), *args)
     assert (config.preservation_weight, config.preservation_prompt, config.caption_dropout_rate) == (1.5, "blank", 0.1)
-    assert config.ema_decay == 0.99
+    assert (config.ema_decay, config.unet_targets) == (0.99, "locon")
+    assert set(train_tab.UNET_TARGET_LABELS) == set(UNET_TARGET_PRESETS), "every UNet target preset is offered"
     with pytest.raises(ValueError, match="caption dropout"):
         train_tab.build_config(workspace, str(tiny_model_dir), *_train_args(dataset="ok", caption_dropout=1.0))
     with pytest.raises(ValueError, match="preservation"):

@@ -156,20 +156,27 @@ def _fresh_meta_models(base: BaseModel):
     return unet, text_encoders, vae
 
 
-def _module_params(module: nn.Module, rank: int) -> int:
+def _fan(module: nn.Module) -> tuple[int, int]:
+    """(inputs, outputs) of one output position of a Linear or Conv2d: a 3x3 conv reads 9 inputs per channel."""
     if isinstance(module, nn.Conv2d):
-        return rank * (module.in_channels + module.out_channels)
-    return rank * (module.in_features + module.out_features)
+        kh, kw = module.kernel_size
+        return module.in_channels // module.groups * kh * kw, module.out_channels
+    return module.in_features, module.out_features
+
+
+def lora_parameter_count(module: nn.Module, rank: int) -> int:
+    """Parameters of a rank-`rank` LoRA on one Linear or Conv2d: down reads its fan-in, up writes its fan-out."""
+    return rank * sum(_fan(module))
 
 
 def lora_size(base: BaseModel, config: TrainConfig) -> LoraSize:
-    """Exact LoRA parameter count for `config` on `base`: rank * (in + out) per targeted module."""
+    """Exact LoRA parameter count for `config` on `base`: rank * (fan-in + fan-out) per targeted module."""
     unet, text_encoders = _meta_models(base)
     spec = config.lora_spec
     modules = {"unet": 0}
     count = 0
     for path in unet_targets(unet, spec):
-        count += _module_params(unet.get_submodule(path), spec.rank)
+        count += lora_parameter_count(unet.get_submodule(path), spec.rank)
         modules["unet"] += 1
     if config.train_text_encoder:
         used = used_text_encoder_layers(base.family, text_encoders, config.clip_skip)
@@ -177,7 +184,7 @@ def lora_size(base: BaseModel, config: TrainConfig) -> LoraSize:
             key = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
             paths = text_encoder_targets(te, spec, used[index])
             modules[key] = len(paths)
-            count += sum(_module_params(te.get_submodule(p), spec.rank) for p in paths)
+            count += sum(lora_parameter_count(te.get_submodule(p), spec.rank) for p in paths)
     unet_total = sum(p.numel() for p in unet.parameters())
     total = unet_total + sum(p.numel() for te in text_encoders for p in te.parameters())
     return LoraSize(count, total, unet_total, modules)
@@ -296,11 +303,8 @@ def _dry_run(model: nn.Module, call, trainable: list[str], rank: int, train: boo
         module.weight.requires_grad_(train)
 
         def lora_hook(module, args, output, rank=rank):
-            tokens = args[0].numel() // args[0].shape[-1 if isinstance(module, nn.Linear) else 1]
-            if isinstance(module, nn.Conv2d):
-                n_in, n_out = module.in_channels, module.out_channels
-            else:
-                n_in, n_out = module.in_features, module.out_features
+            n_in, n_out = _fan(module)
+            tokens = output.numel() // output.shape[-1 if isinstance(module, nn.Linear) else 1]
             lora_extra[0] += tokens * rank * 4  # the rank-r activation LoRA keeps for its up-matrix gradient
             # LoRA computes no full weight gradient, only rank-r ones (forward and backward ~ 3x the forward)
             lora_flop_correction[0] += 6 * tokens * rank * (n_in + n_out) - 2 * tokens * n_in * n_out

@@ -14,13 +14,19 @@ ADAPTER_NAME = "default"
 
 # UNet presets, matched against module paths inside a diffusers UNet2DConditionModel.
 _ATTN_PROJ = r"(to_q|to_k|to_v|to_out\.0)"
+# kohya's default "LierLa" set: every Linear / 1x1 conv inside Transformer2DModel
+_LIERLA = rf"\.attn[12]\.{_ATTN_PROJ}|\.ff\.net\.(0\.proj|2)|\.attentions\.\d+\.(proj_in|proj_out)"
+# what kohya's LoCon (conv_dim) adds: every layer of the ResNet blocks (3x3 convs, time projection, 1x1 shortcut)
+# and the 3x3 convs of the down- and upsamplers
+_RESNET = r"\.resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|\.(downsamplers|upsamplers)\.0\.conv"
 UNET_TARGET_PRESETS: dict[str, str] = {
     # cross-attention only: the text-to-image interface, what style adapters classically train
     "cross_attn": rf"\.attn2\.{_ATTN_PROJ}$",
     # self- and cross-attention
     "attn": rf"\.attn[12]\.{_ATTN_PROJ}$",
-    # kohya's default "LierLa" set: every Linear / 1x1 conv inside Transformer2DModel
-    "kohya": rf"(\.attn[12]\.{_ATTN_PROJ}|\.ff\.net\.(0\.proj|2)|\.attentions\.\d+\.(proj_in|proj_out))$",
+    "kohya": rf"({_LIERLA})$",
+    # LierLa plus the ResNet layers, at one rank for all (kohya can give the convs their own)
+    "locon": rf"({_LIERLA}|{_RESNET})$",
 }
 TEXT_ENCODER_TARGET_PRESETS: dict[str, str] = {
     "attn": r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$",
@@ -59,20 +65,14 @@ class LoraSpec:
         return self.alpha / self.rank
 
 
-def _is_adaptable(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
-
-
 def find_target_modules(model: nn.Module, pattern: str) -> list[str]:
-    """Module paths in `model` whose Linear / 1x1 conv matches the preset regex `pattern`."""
+    """Module paths in `model` whose Linear or Conv2d layer matches the preset regex `pattern`."""
     regex = re.compile(pattern)
     names = []
     for name, module in model.named_modules():
         if "lora_" in name or "base_layer" in name:
             continue
-        if _is_adaptable(module) and regex.search("." + name):
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and regex.search("." + name):
             names.append(name)
     return names
 

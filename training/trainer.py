@@ -875,6 +875,9 @@ class Trainer:
         network_args = {"unet_targets": cfg.unet_targets, "dropout": cfg.dropout}
         if cfg.train_text_encoder:
             network_args["text_encoder_targets"] = cfg.text_encoder_targets
+        if cfg.unet_targets == "locon":
+            # kohya's names for the conv layers' rank and alpha, which its tools read back (strings, as kohya's)
+            network_args.update(conv_dim=str(cfg.rank), conv_alpha=f"{cfg.alpha:g}")
         return training_metadata(
             base.family,
             rank=cfg.rank,

@@ -22,6 +22,7 @@ FIELDS = (
     "preset",
     "rank",
     "alpha",
+    "targets",
     "steps",
     "epochs",
     "unet_lr",
@@ -41,10 +42,18 @@ FIELDS = (
     "checkpoint_every",
     "sample_prompts",
 )
+# What each UNet target preset adapts, as the tab lists them
+UNET_TARGET_LABELS = {
+    "cross_attn": "cross-attention",
+    "attn": "self- and cross-attention",
+    "kohya": "transformer blocks (kohya's default)",
+    "locon": "transformer and ResNet blocks (LoCon)",
+}
 # Preset fields shown in the tab -> TrainConfig names
 PRESET_FIELDS = {
     "rank": "rank",
     "alpha": "alpha",
+    "targets": "unet_targets",
     "steps": "max_train_steps",
     "epochs": "epochs",
     "unet_lr": "unet_lr",
@@ -121,6 +130,7 @@ def build_config(workspace: Workspace, base: str, *args: Any, prediction_type: s
         class_noun=settings["class_noun"],
         rank=whole_number(v["rank"], "rank", 1, 1024),
         alpha=real_number(v["alpha"], "alpha", 0),
+        unet_targets=v["targets"],
         max_train_steps=steps,
         epochs=epochs if steps == 0 else 0,
         unet_lr=real_number(v["unet_lr"], "UNet learning rate", 0),
@@ -251,6 +261,12 @@ def build(runner: JobRunner, workspace: Workspace, models: ModelCache, base_box:
     with gr.Row():
         c["rank"] = gr.Number(label="Rank", value=d["rank"], precision=0, elem_id="train-rank")
         c["alpha"] = gr.Number(label="Alpha", value=d["alpha"])
+        c["targets"] = gr.Dropdown(
+            choices=[(label, key) for key, label in UNET_TARGET_LABELS.items()],
+            value=d["targets"],
+            label="UNet layers",
+            elem_id="train-targets",
+        )
         c["steps"] = gr.Number(label="Steps (0: use epochs)", value=d["steps"], precision=0, elem_id="train-steps")
         c["epochs"] = gr.Number(label="Epochs (used when steps is 0)", value=d["epochs"], precision=0)
         c["batch_size"] = gr.Number(label="Batch size", value=d["batch_size"], precision=0, elem_id="train-batch")
