@@ -45,9 +45,9 @@ FIELDS = (
 # What each UNet target preset adapts, as the tab lists them
 UNET_TARGET_LABELS = {
     "cross_attn": "cross-attention",
-    "attn": "self- and cross-attention",
-    "kohya": "transformer blocks (kohya's default)",
-    "locon": "transformer and ResNet blocks (LoCon)",
+    "attn": "all attention",
+    "kohya": "kohya (LierLa)",
+    "locon": "LoCon (+ convs)",
 }
 # Preset fields shown in the tab -> TrainConfig names
 PRESET_FIELDS = {
