@@ -185,7 +185,8 @@ def test_locon_adapts_resnet_convs_and_loads_in_diffusers_like_a_hand_merge(tiny
     save_adapter(path, kohya_state_dict(SD1, base.unet, base.text_encoders), _metadata(), dtype="fp32")
     tensors = read_adapter(path).tensors
     conv1 = "lora_unet_down_blocks_0_resnets_0_conv1"
-    assert tensors[f"{conv1}.lora_down.weight"].shape[::2] == (4, 3) and tensors[f"{conv1}.lora_down.weight"].dim() == 4
+    down = tensors[f"{conv1}.lora_down.weight"]
+    assert down.shape[0] == 4 and down.shape[2:] == (3, 3)  # [r, in, 3, 3], the FORMATS.md LoCon column
     assert tensors[f"{conv1}.lora_up.weight"].shape[1:] == (4, 1, 1)
     for name in ("down_blocks_0_downsamplers_0_conv", "up_blocks_0_upsamplers_0_conv", "mid_block_resnets_0_conv2"):
         assert f"lora_unet_{name}.lora_down.weight" in tensors, name
