@@ -1,9 +1,12 @@
 """Classifiers that judge shapes-world images, trained only on ground-truth renders (never on model outputs).
 
-- `ContentEvaluator`: the color, shape and background color of an image (plain or any style).
-- `StyleClassifier`: the probability that an image is drawn in one artist's style rather than plainly.
+- `ContentEvaluator`: the color, shape and background color of an image (plain, in any looks, or any style).
+- `LookClassifier`: which of the named looks an image is drawn with (one yes/no head per look).
+- `StyleClassifier`: the probability that an image is in one artist's style: its whole combination of looks, with
+  its parameters, against everything else, including the style with one look missing or swapped.
 
-    python sample_data/evaluator.py      # trains the content evaluator and writes sample_data/evaluator.safetensors
+    python sample_data/evaluator.py              # the content evaluator and the look classifier
+    python sample_data/evaluator.py --styles     # the style classifiers
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import replace
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -24,11 +28,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sample_data.shapes import (  # noqa: E402
+    ARTIST_STYLES,
     COLORS,
-    DECORATIONS,
+    LOOKS,
     SHAPES,
     STYLES,
     Scene,
+    random_looks,
+    random_scene,
     render,
     scenes,
     texture_image,
@@ -36,7 +43,9 @@ from sample_data.shapes import (  # noqa: E402
 )
 
 EVALUATOR_PATH = ROOT / "sample_data" / "evaluator.safetensors"
+LOOK_CLASSIFIER_PATH = ROOT / "sample_data" / "look_classifier.safetensors"
 COLOR_NAMES = list(COLORS)
+LOOK_NAMES = list(LOOKS)
 
 
 def _backbone(width: int) -> nn.Sequential:
@@ -100,6 +109,27 @@ class StyleClassifier(nn.Module):
         return torch.sigmoid(self(to_input(images))).numpy()
 
 
+class LookClassifier(nn.Module):
+    """A small CNN with one yes/no head per named look."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.backbone = _backbone(width)
+        self.head = nn.Linear(4 * width, len(LOOKS))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-look logits for images in [-1, 1]."""
+        return self.head(self.backbone(x))
+
+    @torch.no_grad()
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Per-image, per-look probabilities (N x looks, in LOOKS order) for uint8 NHWC images."""
+        self.eval()
+        return np.concatenate(
+            [torch.sigmoid(self(to_input(images[k : k + 256]))).numpy() for k in range(0, len(images), 256)]
+        )
+
+
 def to_input(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [-1, 1]."""
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -126,67 +156,100 @@ def _render(scene: Scene) -> np.ndarray:
     return to_array(render(scene))
 
 
-def train_content_evaluator(seed: int = 7, count: int = 24000, steps: int = 2500) -> ContentEvaluator:
-    """Train on ground-truth renders of every style (the shapes world's own pictures)."""
-    torch.manual_seed(seed)
-    training = [s for style in STYLES for s in scenes(seed, count // len(STYLES), style)]
-    images = render_many(training)
-    labels = torch.tensor(
-        [[COLOR_NAMES.index(s.color), SHAPES.index(s.shape), COLOR_NAMES.index(s.background)] for s in training]
-    )
-    model = ContentEvaluator()
+def judged_scenes(seed: int, count: int) -> list[Scene]:
+    """What the judges learn from: a sixth plain scenes, half any combination of looks, a third artist styles."""
+    rng = random.Random(f"judged:{seed}")
+    out = []
+    for index in range(count):
+        kind = index % 6
+        if kind == 0:
+            out.append(random_scene(rng))
+        elif kind <= 3:
+            out.append(replace(random_scene(rng), looks=random_looks(rng, 0.0, most=4)))
+        else:
+            out.append(random_scene(rng, rng.choice(list(ARTIST_STYLES))))
+    return out
+
+
+def _fit(model: nn.Module, images: np.ndarray, labels: torch.Tensor, loss, steps: int, batch: int, seed: int):
+    """Train `model` on roughened `images` with AdamW and a one-cycle schedule; returns it in eval mode."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for step in range(steps):
-        index = torch.randint(0, len(training), (128,), generator=generator)
-        x = _roughen(to_input(images[index.numpy()]), generator)
-        color, shape, background = model(x)
-        loss = (
-            F.cross_entropy(color, labels[index, 0])
-            + F.cross_entropy(shape, labels[index, 1])
-            + F.cross_entropy(background, labels[index, 2])
-        )
+        index = torch.randint(0, len(labels), (batch,), generator=generator)
+        value = loss(model(_roughen(to_input(images[index.numpy()]), generator)), labels[index])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         optimizer.step()
         schedule.step()
         if (step + 1) % 500 == 0:
-            print(f"evaluator step {step + 1}: loss {loss.item():.4f}", flush=True)
+            print(f"{type(model).__name__} step {step + 1}: loss {value.item():.4f}", flush=True)
     return model.eval()
 
 
-def train_style_classifier(style: str, seed: int = 11, count: int = 3000, steps: int = 900) -> StyleClassifier:
+def _content_loss(logits, labels: torch.Tensor) -> torch.Tensor:
+    return sum(F.cross_entropy(head, labels[:, k]) for k, head in enumerate(logits))
+
+
+def content_labels(scene_list: list[Scene]) -> torch.Tensor:
+    """(color, shape, background) class indices of each scene."""
+    return torch.tensor(
+        [[COLOR_NAMES.index(s.color), SHAPES.index(s.shape), COLOR_NAMES.index(s.background)] for s in scene_list]
+    )
+
+
+def look_labels(scene_list: list[Scene]) -> torch.Tensor:
+    """Which looks each scene is drawn with (N x looks, 0/1)."""
+    return torch.tensor([[float(name in s.drawn_looks) for name in LOOK_NAMES] for s in scene_list])
+
+
+def train_content_evaluator(training: list[Scene], images: np.ndarray, steps: int = 3000) -> ContentEvaluator:
+    """Train on ground-truth renders (`judged_scenes`): plain, in any combination of looks, in every artist style."""
+    torch.manual_seed(7)
+    return _fit(ContentEvaluator(), images, content_labels(training), _content_loss, steps, 128, seed=7)
+
+
+def train_look_classifier(training: list[Scene], images: np.ndarray, steps: int = 6000) -> LookClassifier:
+    """Train one yes/no head per look on the same ground-truth renders."""
+    torch.manual_seed(9)
+    loss = F.binary_cross_entropy_with_logits
+    return _fit(LookClassifier(), images, look_labels(training), loss, steps, 128, seed=9)
+
+
+def near_misses(style: str, seed: int, count: int) -> list[Scene]:
+    """The style with one of its looks left out or swapped for another look of the same slot (drawn as looks)."""
+    rng = random.Random(f"near-miss:{style}:{seed}")
+    own = ARTIST_STYLES[style]
+    out = []
+    for _ in range(count):
+        looks = list(own)
+        k = rng.randrange(len(looks))
+        others = [n for n, look in LOOKS.items() if look.slot == LOOKS[looks[k]].slot and n != looks[k]]
+        if others and rng.random() < 0.5:
+            looks[k] = rng.choice(others)
+        else:
+            del looks[k]
+        out.append(replace(random_scene(rng), looks=tuple(looks)))
+    return out
+
+
+def train_style_classifier(style: str, seed: int = 11, count: int = 3000, steps: int = 1500) -> StyleClassifier:
     """Train `style` against everything else it could be mistaken for, on fresh ground-truth renders.
 
-    Negatives are plain renders, the other artist styles, the base model's own decorated looks (stripes, gradients,
-    outlines, speckles) and the autoencoder's broad corpus of textures (stripes, hatching, dots, outlines, noise): a
-    classifier that only ever saw plain pictures calls any busy texture a style, and a fine-tune that has fallen
-    apart into coloured noise, or into a look the base already had, then scores as styled."""
+    Negatives: the style with one look missing or swapped (drawn with the base model's own parameters), any other
+    combination of looks, plain renders, the other artist styles, and the autoencoder's broad corpus of textures
+    (a fine-tune fallen apart into coloured noise must not score as styled). So a picture scores only if it has the
+    whole combination."""
     torch.manual_seed(seed)
     positives = scenes(seed + 1000, count, style)
-    others = [s for other in STYLES if other != style for s in scenes(seed + 2000, count // 2, other)]
-    others += decorated_scenes(seed + 2500, count // 2)
-    images = np.concatenate([render_many(positives + others), textures(seed + 3000, count // 2)])
+    negatives = near_misses(style, seed + 1500, count)
+    negatives += [s for s in judged_scenes(seed + 2000, count) if s.style != style]
+    images = np.concatenate([render_many(positives + negatives), textures(seed + 3000, count // 4)])
     labels = torch.tensor([1.0] * count + [0.0] * (len(images) - count))
-    model = StyleClassifier()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        index = torch.randint(0, len(labels), (64,), generator=generator)
-        x = _roughen(to_input(images[index.numpy()]), generator)
-        loss = F.binary_cross_entropy_with_logits(model(x), labels[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return model.eval()
-
-
-def decorated_scenes(seed: int, count: int) -> list[Scene]:
-    """`count` scenes in the base model's decorated looks, in equal shares."""
-    return [s for look in DECORATIONS for s in scenes(seed, count // len(DECORATIONS), look)]
+    loss = F.binary_cross_entropy_with_logits
+    return _fit(StyleClassifier(), images, labels, loss, steps, 64, seed)
 
 
 def textures(seed: int, count: int) -> np.ndarray:
@@ -201,11 +264,7 @@ def _texture(key: str) -> np.ndarray:
 
 def load_content_evaluator(path: Path = EVALUATOR_PATH) -> ContentEvaluator:
     """The shipped content evaluator."""
-    from safetensors.torch import load_file
-
-    model = ContentEvaluator()
-    model.load_state_dict(load_file(str(path)))
-    return model.eval()
+    return _load(ContentEvaluator(), path)
 
 
 def content_accuracy(model: ContentEvaluator, images: np.ndarray, truth: list[Scene]) -> dict[str, float]:
@@ -229,50 +288,86 @@ def style_classifier_path(style: str) -> Path:
     return ROOT / "sample_data" / f"style_classifier_{style}.safetensors"
 
 
-def load_style_classifier(style: str) -> StyleClassifier:
-    """The shipped classifier of `style` (vs plain)."""
+def _load(model: nn.Module, path: Path) -> nn.Module:
     from safetensors.torch import load_file
 
-    model = StyleClassifier()
-    model.load_state_dict(load_file(str(style_classifier_path(style))))
+    model.load_state_dict(load_file(str(path)))
     return model.eval()
 
 
-def train_and_save_style_classifiers() -> dict[str, float]:
-    """Train one classifier per artist style, save them, and return their held-out accuracy."""
+def _save(model: nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def load_style_classifier(style: str) -> StyleClassifier:
+    """The shipped classifier of `style` (its whole combination of looks against everything else)."""
+    return _load(StyleClassifier(), style_classifier_path(style))
+
+
+def load_look_classifier(path: Path = LOOK_CLASSIFIER_PATH) -> LookClassifier:
+    """The shipped look classifier."""
+    return _load(LookClassifier(), path)
+
+
+def look_accuracy(model: LookClassifier, images: np.ndarray, truth: list[Scene]) -> dict[str, dict[str, float]]:
+    """Per look: how often it is found where it is drawn (recall) and not found where it is not (specificity)."""
+    found = model.probabilities(images) > 0.5
+    drawn = look_labels(truth).numpy() > 0.5
+    return {
+        name: {
+            "recall": round(float(found[drawn[:, k], k].mean()), 4) if drawn[:, k].any() else None,
+            "specificity": round(float((~found[~drawn[:, k], k]).mean()), 4) if (~drawn[:, k]).any() else None,
+        }
+        for k, name in enumerate(LOOK_NAMES)
+    }
+
+
+def style_held_out_sets(style: str) -> dict[str, np.ndarray]:
+    """Fresh renders a style classifier is checked on: the style, its near misses, other looks and styles, textures."""
+    return {
+        style: render_many(scenes(5000, 200, style)),
+        "near_misses": render_many(near_misses(style, 5500, 200)),
+        **{other: render_many(scenes(6000, 200, other)) for other in STYLES if other != style},
+        "looks": render_many([s for s in judged_scenes(6500, 400) if s.style != style]),
+        "textures": textures(7000, 200),
+    }
+
+
+def train_and_save_style_classifiers() -> dict[str, dict[str, float]]:
+    """Train one classifier per artist style, save them, and return their held-out accuracy per kind of picture."""
     accuracy = {}
-    for style in STYLES[1:]:
+    for style in ARTIST_STYLES:
         model = train_style_classifier(style)
-        held_out = {
-            style: render_many(scenes(5000, 200, style)),
-            **{other: render_many(scenes(6000, 200, other)) for other in STYLES if other != style},
-            "decorated": render_many(decorated_scenes(6500, 200)),
-            "textures": textures(7000, 200),
-        }
         accuracy[style] = {
-            name: float(((model.probability(images) > 0.5) == (name == style)).mean())
-            for name, images in held_out.items()
+            name: round(float(((model.probability(images) > 0.5) == (name == style)).mean()), 4)
+            for name, images in style_held_out_sets(style).items()
         }
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(style_classifier_path(style)))
+        _save(model, style_classifier_path(style))
     return accuracy
 
 
 def main() -> None:
-    """Train the content evaluator and the style classifiers, check them on held-out renders, and save them."""
-    from safetensors.torch import save_file
-
+    """Train the judges, check them on held-out renders, and save them."""
     torch.set_num_threads(2)
     if "--styles" in sys.argv:
         print(json.dumps({"style_classifier_accuracy": train_and_save_style_classifiers()}))
         return
     started = time.time()
-    model = train_content_evaluator()
-    held_out = [s for style in STYLES for s in scenes(99, 400, style)]
-    accuracy = content_accuracy(model, render_many(held_out), held_out)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(EVALUATOR_PATH))
-    report = {"held_out_accuracy": accuracy, "seconds": round(time.time() - started, 1)}
+    training = judged_scenes(7, 36000)
+    training_images = render_many(training)
+    content = train_content_evaluator(training, training_images)
+    _save(content, EVALUATOR_PATH)
+    looks = train_look_classifier(training, training_images)
+    _save(looks, LOOK_CLASSIFIER_PATH)
+    held_out = judged_scenes(99, 1200)
+    images = render_many(held_out)
+    report = {
+        "held_out_content_accuracy": content_accuracy(content, images, held_out),
+        "held_out_look_accuracy": look_accuracy(looks, images, held_out),
+        "seconds": round(time.time() - started, 1),
+    }
     (ROOT / "sample_data" / "evaluator.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report))
 

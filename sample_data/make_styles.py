@@ -2,10 +2,12 @@
 
     python sample_data/make_styles.py
 
-The styles ("ink": thick outlines and cross-hatching; "halftone": pop-art print dots) never appear in the demo
-UNet's training corpus, which holds plain scenes and scenes decorated with stripes, background gradients, outlines
-in a third colour (never black) or speckles, but no black outlines, cross-hatching or dot grids. The (color, shape)
-pairs in HELD_OUT_PAIRS are left out.
+Each style is a combination of the demo world's named looks with fixed parameters (`ARTIST_STYLES` in shapes.py):
+"ink" (thick outline, cross-hatching, hatched background, pastel colors), "halftone" (big dots, dotted background,
+thin outline) and "poster" (stripes, shadow, gradient, muted colors). The demo UNet draws every one of those looks on
+request, but its corpus never holds a style's combination, nor all but one of its looks. Captions name only the
+content ("a red star on a blue background"): the look is what a style adapter's trigger word learns. The (color,
+shape) pairs in HELD_OUT_PAIRS are left out, so benchmarks can test on pairs the adapter never saw.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from sample_data.shapes import HELD_OUT_PAIRS, render, scenes  # noqa: E402
 
-STYLE_SETS = {"ink": 501, "halftone": 502}
+STYLE_SETS = {"ink": 501, "halftone": 502, "poster": 503}
 COUNT = 60
 
 
