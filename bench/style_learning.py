@@ -1,186 +1,166 @@
-"""Does style learning work? Train the default `style` preset on a demo style set and measure it.
+"""Does style learning work? Train the default `style` preset on each demo style set and measure it.
 
-    python bench/style_learning.py [--style ink] [--prompts 40] [--no-full]
+    python bench/style_learning.py [--styles ink,halftone,poster] [--prompts 40] [--no-full] [--grid PATH]
 
-Trains a LoRA through the library (the same code path as `studio train`), then draws held-out prompts
-(color/shape pairs that are not in the style set) with and without the adapter, and scores them:
-style score (a style classifier trained on fresh renders of the style against plain renders, the other style and
-busy textures, so a fine-tune fallen apart into noise does not count as styled), content accuracy
-(the shapes-world evaluator), trainable parameters, adapter file size and wall time; and the same for full
-fine-tuning of the UNet on the same data, as the LoRA paper compares. Prints one JSON object (last line).
+For each style: trains a LoRA through the library (the same code path as `studio train --base demo --preset style`),
+then draws held-out prompts (color/shape pairs that are not in the style set) with the trigger word, with the adapter
+and without it (the base model), and the style set's own captions (memorization). Scores: the style score (a strict
+classifier of the style's whole combination of looks, trained only on ground-truth renders) and content accuracy
+(the shapes-world evaluator); trainable parameters, file size, wall time. Full fine-tuning of the UNet on the same
+data is the reference the LoRA paper compares with. Writes a before/after grid (base, adapter, true renders of the
+same scenes) and prints one JSON object (last line).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import full_finetune  # noqa: E402
+from bench.common import full_finetune, machine  # noqa: E402
+from bench.style_common import (  # noqa: E402
+    STYLE_DIR,
+    add_training_args,
+    base_with_adapter,
+    held_out_prompts,
+    score,
+    score_images,
+    train_adapter,
+    training_overrides,
+    training_prompts,
+)
 from sample_data.evaluate_demo import generate_scenes  # noqa: E402
-from sample_data.evaluator import content_accuracy, load_content_evaluator, load_style_classifier  # noqa: E402
-from sample_data.shapes import COLORS, HELD_OUT_PAIRS, Scene, random_scene  # noqa: E402
-from studio.compose import AdapterStack, load_adapter  # noqa: E402
+from sample_data.evaluator import load_content_evaluator, load_style_classifier  # noqa: E402
+from sample_data.shapes import ARTIST_STYLES, random_scene, render, to_array  # noqa: E402
 from studio.models import load_base  # noqa: E402
-from training.config import PRESETS, TrainConfig  # noqa: E402
-from training.lora import UNET_TARGET_PRESETS  # noqa: E402
-from training.trainer import Trainer  # noqa: E402
 
-TRIGGER = "sks"
+GRID_COLUMNS = 6
 
 
-def held_out_scenes(count: int, seed: int = 77) -> list[Scene]:
-    """Scenes whose (color, shape) pair never occurs in a style set, on random backgrounds."""
-    rng = random.Random(seed)
-    pairs = sorted(HELD_OUT_PAIRS)
-    out = []
-    for index in range(count):
-        color, shape = pairs[index % len(pairs)]
-        out.append(
-            random_scene(rng, color=color, shape=shape, background=rng.choice([c for c in COLORS if c != color]))
-        )
-    return out
+def true_renders(prompts, style: str) -> np.ndarray:
+    """The style's ground-truth pictures of the prompts' content (placed and sized at random)."""
+    return np.stack(
+        [
+            to_array(render(random_scene(random.Random(k), style, p.color, p.shape, p.background)))
+            for k, p in enumerate(prompts)
+        ]
+    )
 
 
-def with_trigger(scene_list: list[Scene]) -> list[Scene]:
-    """The same scenes, captioned as the style set was trained: 'sks, a ... background'."""
-    return [_Prompted(s, f"{TRIGGER}, {s.prompt}") for s in scene_list]
+def write_grid(rows: list[tuple[str, np.ndarray]], path: Path) -> None:
+    """A labelled grid: one row of pictures per (label, images), scaled up 2x."""
+    from PIL import Image, ImageDraw
+
+    cell, label_width = 128, 150
+    grid = Image.new("RGB", (label_width + GRID_COLUMNS * (cell + 4), len(rows) * (cell + 4)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for r, (label, images) in enumerate(rows):
+        y = r * (cell + 4)
+        for line, text in enumerate(label.split("\n")):
+            draw.text((6, y + cell // 2 - 14 + 14 * line), text, fill=(0, 0, 0))
+        for c, image in enumerate(images[:GRID_COLUMNS]):
+            tile = Image.fromarray(image).resize((cell, cell), Image.Resampling.NEAREST)
+            grid.paste(tile, (label_width + c * (cell + 4), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
 
 
-class _Prompted:
-    """A scene with a different prompt (the evaluator still checks the scene's own attributes)."""
-
-    def __init__(self, scene: Scene, prompt: str):
-        self.scene, self.prompt = scene, prompt
-        self.color, self.shape, self.background = scene.color, scene.shape, scene.background
-
-
-def score(base, scene_list, evaluator, classifier) -> dict:
-    """Style score and content accuracy of generations for `scene_list`."""
-    images = generate_scenes(base, scene_list)
-    return {
-        "style_score": round(float(classifier.probability(images).mean()), 4),
-        "content": {k: round(v, 4) for k, v in content_accuracy(evaluator, images, scene_list).items()},
-    }
-
-
-def main() -> None:
-    """Train, generate, score; print JSON."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--style", default="ink")
-    parser.add_argument("--prompts", type=int, default=40)
-    parser.add_argument("--no-full", action="store_true", help="skip the full fine-tuning reference")
-    parser.add_argument("--rank", type=int, help="override the preset's LoRA rank (alpha keeps the preset's ratio)")
-    parser.add_argument("--lr", type=float, help="override the preset's UNet learning rate")
-    parser.add_argument("--steps", type=int, help="override the preset's step count")
-    parser.add_argument("--targets", choices=list(UNET_TARGET_PRESETS), help="override the preset's UNet modules")
-    parser.add_argument("--min-snr-gamma", type=float, help="override the preset's min-SNR loss weighting (0: off)")
-    parser.add_argument("--preservation-weight", type=float, help="override the preset's output preservation weight")
-    parser.add_argument("--preservation-prompt", choices=["caption", "blank"], help="what output preservation keeps")
-    parser.add_argument("--caption-dropout", type=float, help="override the preset's caption dropout rate")
-    parser.add_argument("--ema-decay", type=float, help="override the preset's EMA decay of the adapter weights")
-    parser.add_argument("--full-lr", type=float, default=1e-4, help="learning rate of the full fine-tuning reference")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    data_dir = ROOT / "sample_data" / "styles" / args.style
-    evaluator = load_content_evaluator()
-    started = time.time()
-    classifier = load_style_classifier(args.style)  # trained on fresh renders by sample_data/evaluator.py --styles
-    plain = held_out_scenes(args.prompts)
-    triggered = with_trigger(plain)
-
+def measure_style(style: str, args, evaluator, overrides: dict) -> tuple[dict, list[tuple[str, np.ndarray]]]:
+    """Base, LoRA (and full fine-tuning) on one style: the figures and this style's rows of the grid."""
+    style_dir = STYLE_DIR / style
+    classifier = load_style_classifier(style)
+    triggered, plain = held_out_prompts(args.prompts, True), held_out_prompts(args.prompts, False)
+    memorized = training_prompts(style_dir, True)
     base = load_base("demo")
+    base_triggered = generate_scenes(base, triggered)
     result = {
-        "style": args.style,
-        "prompts": args.prompts,
-        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
+        "base": score(base, plain, evaluator, classifier),
+        "base_with_trigger": score_images(base_triggered, triggered, evaluator, classifier),
+        "base_memorization": score(base, memorized, evaluator, classifier),
     }
-    result["base"] = score(base, plain, evaluator, classifier)
-    result["base_with_trigger"] = score(base, triggered, evaluator, classifier)
-
-    overrides = {}
-    if args.rank:
-        preset = PRESETS["style"]
-        overrides.update(rank=args.rank, alpha=args.rank * preset["alpha"] / preset["rank"])
-    if args.lr:
-        overrides["unet_lr"] = args.lr
-    if args.steps:
-        overrides["max_train_steps"] = args.steps
-    if args.targets:
-        overrides["unet_targets"] = args.targets
-    if args.min_snr_gamma is not None:
-        overrides["min_snr_gamma"] = args.min_snr_gamma
-    if args.preservation_weight is not None:
-        overrides["preservation_weight"] = args.preservation_weight
-    if args.preservation_prompt:
-        overrides["preservation_prompt"] = args.preservation_prompt
-    if args.caption_dropout is not None:
-        overrides["caption_dropout_rate"] = args.caption_dropout
-    if args.ema_decay is not None:
-        overrides["ema_decay"] = args.ema_decay
-    result["overrides"] = overrides
+    del base
     with tempfile.TemporaryDirectory() as tmp:
-        config = TrainConfig.from_preset(
-            "style",
-            base="demo",
-            data_dir=str(data_dir),
-            trigger=TRIGGER,
-            output=str(Path(tmp) / f"{args.style}.safetensors"),
-            **overrides,
-        )
-        trainer = Trainer(config)
-        train_started = time.time()
-        trained = trainer.run()
-        lora_seconds = time.time() - train_started
-        fresh = load_base("demo")
-        stack = AdapterStack(fresh)
-        name = stack.add(load_adapter(trained.output, fresh), 1.0)
-        with_adapter = score(fresh, triggered, evaluator, classifier)
-        stack.set_weight(name, 0.0)
-        weight_zero = score(fresh, triggered, evaluator, classifier)
+        output = Path(tmp) / f"{style}.safetensors"
+        config, trained, seconds = train_adapter(args.preset, style_dir, output, **overrides)
+        adapted, stack, name = base_with_adapter(trained.output)
+        adapter_triggered = generate_scenes(adapted, triggered)
         unet_te = trained.total_parameters - trained.trainable_parameters
         result["lora"] = {
-            **with_adapter,
-            "at_weight_0": weight_zero,
+            **score_images(adapter_triggered, triggered, evaluator, classifier),
+            "memorization": score(adapted, memorized, evaluator, classifier),
             "trainable_parameters": trained.trainable_parameters,
             "trainable_percent_of_unet_and_text_encoder": round(100 * trained.trainable_parameters / unet_te, 3),
             "adapter_file_bytes": trained.output.stat().st_size,
-            "train_seconds": round(lora_seconds, 1),
+            "train_seconds": round(seconds, 1),
             "steps": trained.steps,
             "config": {
                 k: config.to_dict()[k]
-                for k in ("rank", "alpha", "unet_targets", "max_train_steps", "batch_size", "unet_lr")
+                for k in ("rank", "alpha", "unet_targets", "max_train_steps", "batch_size", "unet_lr", "lr_scheduler")
             },
         }
-
+        stack.set_weight(name, 0.0)
+        result["lora"]["at_weight_0"] = score(adapted, triggered, evaluator, classifier)
+        del adapted, stack
+    base_content = result["base"]["content"]
+    result["lora"]["content_drop_points"] = {
+        k: round(100 * (base_content[k] - result["lora"]["content"][k]), 1) for k in ("color", "shape", "background")
+    }
+    rows = [
+        (f"{style}\nbase model", base_triggered),
+        (f"{style}\nwith the LoRA", adapter_triggered),
+        (f"{style}\ntrue renders", true_renders(triggered, style)),
+    ]
     if not args.no_full:
         full = load_base("demo")
         full_seconds = full_finetune(full, config, trained.steps, lr=args.full_lr)
-        full_prompts = triggered
+        full_params = sum(p.numel() for p in full.unet.parameters())
         result["full_finetune"] = {
-            **score(full, full_prompts, evaluator, classifier),
-            "trainable_parameters": sum(p.numel() for p in full.unet.parameters()),
+            **score(full, triggered, evaluator, classifier),
+            "trainable_parameters": full_params,
             "train_seconds": round(full_seconds, 1),
             "lr": args.full_lr,
-            "checkpoint_bytes_fp16": 2 * sum(p.numel() for p in full.unet.parameters()),
         }
         result["lora_vs_full"] = {
             "style_score_gap": round(result["full_finetune"]["style_score"] - result["lora"]["style_score"], 4),
-            "parameter_ratio_percent": round(
-                100 * trained.trainable_parameters / result["full_finetune"]["trainable_parameters"], 3
-            ),
+            "parameter_ratio_percent": round(100 * trained.trainable_parameters / full_params, 3),
         }
+    return result, rows
+
+
+def main() -> None:
+    """Train, generate, score each style; write the grid; print JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--styles", default=",".join(ARTIST_STYLES), help="comma-separated style sets")
+    parser.add_argument("--prompts", type=int, default=40, help="held-out prompts per style")
+    parser.add_argument("--no-full", action="store_true", help="skip the full fine-tuning reference")
+    parser.add_argument("--full-lr", type=float, default=5e-4, help="learning rate of the full fine-tuning reference")
+    parser.add_argument("--grid", type=Path, default=ROOT / "docs" / "style_learning.png", help="before/after grid")
+    parser.add_argument("--threads", type=int, default=2)
+    add_training_args(parser)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    evaluator = load_content_evaluator()
+    overrides = training_overrides(args)
+    result = {"prompts": args.prompts, "preset": args.preset, "overrides": overrides, "machine": machine()}
+    grid = []
+    for style in args.styles.split(","):
+        result[style], rows = measure_style(style, args, evaluator, overrides)
+        grid += rows
+        print(json.dumps({style: result[style]}), file=sys.stderr, flush=True)
+    if args.grid:
+        write_grid(grid, args.grid)
+        result["grid"] = str(args.grid)
     result["wall_seconds"] = round(time.time() - started, 1)
     print(json.dumps(result))
 
