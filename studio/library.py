@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from studio import atomic
+from studio.models import DEMO_MODEL_DIR
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -27,6 +28,15 @@ ZIP_RATIO_FLOOR = 1024**2  # entries smaller than this may compress as well as t
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar")
 DATASET_SETTINGS = "dataset.json"
 PREVIEW_SUFFIX = ".preview.png"
+# style sets made for the bundled demo model (sample_data/make_styles.py): ready examples for a first run
+EXAMPLE_STYLES_DIR = DEMO_MODEL_DIR.parent / "styles"
+
+
+def example_styles() -> list[str]:
+    """Names of the bundled example style sets (empty where the repository's sample_data is not present)."""
+    if not EXAMPLE_STYLES_DIR.is_dir():
+        return []
+    return sorted(p.name for p in EXAMPLE_STYLES_DIR.iterdir() if p.is_dir() and any(p.glob("*.png")))
 
 
 def safe_name(name: str) -> str:
@@ -209,6 +219,19 @@ class Workspace:
             raise ValueError(f"folder not found: {source}")
         files = [p for p in sorted(source.iterdir()) if p.is_file() and not p.is_symlink()]
         return self.import_files(name, files)
+
+    def add_example(self, style: str, trigger: str = "sks") -> tuple[str, ImportReport | None]:
+        """Make bundled example style set `style` a workspace dataset of that name, with `trigger` as its trigger word.
+
+        Returns (dataset name, import report); the report is None when the dataset was already there (left as is)."""
+        if style not in example_styles():
+            raise ValueError(f"no example style set {style!r}; choose one of {', '.join(example_styles()) or 'none'}")
+        name = safe_name(style)
+        if self.dataset_dir(name).is_dir() and self.dataset_images(name):
+            return name, None
+        report = self.import_folder(name, EXAMPLE_STYLES_DIR / style)
+        self.save_dataset_settings(name, trigger=trigger, class_noun="style")
+        return name, report
 
     def captions(self, name: str) -> list[tuple[str, str]]:
         """(image file name, caption text) for every image of the dataset ("" when it has no sidecar)."""

@@ -177,6 +177,12 @@ def test_the_whole_studio_in_a_browser(page, server, uploads, tmp_path):
     expect(page.locator("#dataset-report")).to_contain_text("96x64 -> bucket 64x64")
     page.locator("h1").first.click()  # close any open dropdown before the screenshot
     _shot(page, "dataset")
+    # a bundled example style set becomes a workspace dataset in one click
+    _choose(page, "#dataset-example", "halftone")
+    page.locator("#dataset-use-example").click()
+    _wait_text(page, "#dataset-status", "from the bundled example")
+    expect(page.locator("#dataset-stats")).to_contain_text("60 image(s) kept", timeout=60_000)
+    assert len(list((workspace / "datasets" / "halftone").glob("*.png"))) == 60
     timings["dataset"] = time.time() - started
 
     # ---- Train: a short run with a checkpoint and a sample; reload mid-training

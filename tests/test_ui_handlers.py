@@ -160,6 +160,22 @@ def test_dataset_preview_buckets_follow_the_loaded_models_family(tmp_path):
     assert bucket not in sd1_rows[0][2] and "steps of 32px" in stats
 
 
+def test_the_bundled_example_styles_become_datasets_previewed_at_the_models_own_size(tmp_path):
+    workspace = Workspace(tmp_path / "ws")
+    status, choices = dataset_tab.use_example(workspace, "ink")
+    assert "60 image(s)" in status and choices["value"] == "ink", status
+    assert workspace.dataset_settings("ink")["trigger"] == "sks" and len(workspace.dataset_images("ink")) == 60
+    assert workspace.captions("ink")[0][1].startswith("a ")
+    again, _ = dataset_tab.use_example(workspace, "ink")
+    assert "already in the workspace" in again and len(workspace.dataset_images("ink")) == 60
+    assert "no example style set 'oil'" in dataset_tab.use_example(workspace, "oil")[0]
+    # resolution 0 previews at the loaded model's own size (the demo model's 64 px), as training at 0 trains
+    models = ModelCache()
+    models.get("demo")
+    rows, thumbs, *_ = dataset_tab.open_dataset(workspace, "ink", 0, native_size=dataset_tab.native_size_of(models))
+    assert "64x64 -> bucket 64x64" in rows[0][2] and "no crop" in thumbs[0][1]
+
+
 def test_captions_and_trigger_are_saved_beside_the_images(tmp_path):
     workspace = Workspace(tmp_path / "ws")
     images = write_style_images(tmp_path / "images", count=2, captions=False)

@@ -8,7 +8,7 @@ import statistics
 import gradio as gr
 
 from studio import atomic
-from studio.library import Workspace, safe_name
+from studio.library import Workspace, example_styles, safe_name
 from studio.models import SD1
 from studio.ui.common import ModelCache, reports_errors, uploaded_paths, whole_number
 from training.config import TrainConfig
@@ -33,6 +33,12 @@ def buckets_for(resolution: int, bucket_step: int = SD1.bucket_step) -> list[tup
     return make_buckets(
         resolution, bucket_step, min(defaults.min_bucket_resolution, resolution), defaults.max_bucket_resolution
     )
+
+
+def native_size_of(models: ModelCache | None) -> int:
+    """The loaded base model's own image size (what training at resolution 0 uses), else SD 1.x's 512."""
+    loaded = models.loaded if models is not None else None
+    return loaded.native_size if loaded is not None else 512
 
 
 def bucket_step_of(models: ModelCache | None) -> int:
@@ -124,10 +130,30 @@ def upload(workspace: Workspace, name: str, files, folder: str) -> tuple[str, di
     return "\n".join(lines), gr.update(choices=workspace.list_datasets(), value=name)
 
 
+@reports_errors(outputs=2, status=0)
+def use_example(workspace: Workspace, style: str) -> tuple[str, dict]:
+    """Make a bundled example style set a workspace dataset; (status, dataset choices with it selected)."""
+    name, report = workspace.add_example(style)
+    if report is None:
+        message = f"**Dataset `{name}` is already in the workspace** (opened as it is)."
+    else:
+        message = (
+            f"**Dataset `{name}`: {len(workspace.dataset_images(name))} image(s) with captions** from the bundled "
+            f"example ({report.summary()}), trigger word `sks`. Train it with the default preset on the demo model, "
+            "then generate with `sks, ...` in the prompt."
+        )
+    return message, gr.update(choices=workspace.list_datasets(), value=name)
+
+
 @reports_errors(outputs=7, status=6)
-def open_dataset(workspace: Workspace, name: str, resolution, bucket_step: int = SD1.bucket_step) -> tuple:
-    """(report rows, thumbnails, trigger, class noun, caption rows, statistics, status) of a dataset."""
-    resolution = whole_number(resolution, "resolution", 64, 4096)
+def open_dataset(
+    workspace: Workspace, name: str, resolution, bucket_step: int = SD1.bucket_step, native_size: int = 512
+) -> tuple:
+    """(report rows, thumbnails, trigger, class noun, caption rows, statistics, status) of a dataset.
+
+    Resolution 0 previews at `native_size`, the base model's own size (as training at resolution 0 does)."""
+    resolution = whole_number(resolution, "resolution", 0, 4096) or native_size
+    whole_number(resolution, "resolution", 64, 4096)
     report = scan(workspace, name)
     settings = workspace.dataset_settings(name)
     captions = [list(row) for row in workspace.captions(name)]
@@ -178,8 +204,8 @@ def build(workspace: Workspace, models: ModelCache | None = None) -> dict:
             choices=workspace.list_datasets(), label="Dataset", allow_custom_value=True, elem_id="dataset-name"
         )
         resolution = gr.Number(
-            label="Training resolution (for the crop preview; buckets follow the loaded model's family)",
-            value=512,
+            label="Resolution of the crop preview (0: the loaded model's own size; buckets follow its family)",
+            value=0,
             precision=0,
             elem_id="dataset-resolution",
         )
@@ -196,6 +222,16 @@ def build(workspace: Workspace, models: ModelCache | None = None) -> dict:
             folder = gr.Textbox(label="...or a folder on the server", placeholder="/path/to/images")
             add = gr.Button("Add to dataset", variant="primary", elem_id="dataset-add")
             open_button = gr.Button("Open / re-check", elem_id="dataset-open")
+    examples = example_styles()
+    if examples:
+        with gr.Row():
+            example = gr.Dropdown(
+                choices=examples,
+                value=examples[0],
+                label="...or start from an example style made for the demo model",
+                elem_id="dataset-example",
+            )
+            use = gr.Button("Use this example", elem_id="dataset-use-example")
     status = gr.Markdown(elem_id="dataset-status")
     with gr.Row():
         trigger = gr.Textbox(label="Trigger word", value="sks", elem_id="dataset-trigger")
@@ -226,7 +262,7 @@ def build(workspace: Workspace, models: ModelCache | None = None) -> dict:
     opened = [report, thumbs, trigger, class_noun, captions, stats, status]
 
     def show(n, r):
-        return open_dataset(workspace, n, r, bucket_step_of(models))
+        return open_dataset(workspace, n, r, bucket_step_of(models), native_size_of(models))
 
     def reopen(n, r):  # after an upload or save: refresh everything but keep that action's message
         return show(n, r)[:-1]
@@ -235,6 +271,10 @@ def build(workspace: Workspace, models: ModelCache | None = None) -> dict:
         lambda n, f, d: upload(workspace, n, f, d), [name, files, folder], [status, name], show_progress="minimal"
     ).then(reopen, [name, resolution], opened[:-1])
     open_button.click(show, [name, resolution], opened)
+    if examples:
+        use.click(lambda s: use_example(workspace, s), example, [status, name]).then(
+            reopen, [name, resolution], opened[:-1]
+        )
     name.select(show, [name, resolution], opened)
     save_trigger.click(lambda n, t, c: save_settings(workspace, n, t, c), [name, trigger, class_noun], status).then(
         reopen, [name, resolution], opened[:-1]

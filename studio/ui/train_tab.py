@@ -67,21 +67,21 @@ PRESET_FIELDS = {
 }
 
 
-def preset_values(preset: str) -> dict[str, Any]:
-    """The tab's field values for `preset` (the preset over TrainConfig's defaults)."""
+def preset_values(preset: str, base: str = "demo") -> dict[str, Any]:
+    """The tab's field values for `preset` on `base` (the preset for that model over TrainConfig's defaults)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    config = TrainConfig.from_preset(preset)
+    config = TrainConfig.from_preset(preset, base=(base or "").strip())
     return {field: getattr(config, name) for field, name in PRESET_FIELDS.items()}
 
 
-def default_values(**overrides: Any) -> dict[str, Any]:
-    """Every field of the tab with its initial value (the style preset), with `overrides`."""
+def default_values(base: str = "demo", **overrides: Any) -> dict[str, Any]:
+    """Every field of the tab with its initial value (the style preset for `base`), with `overrides`."""
     values = {
         "dataset": "",
         "name": "my_style",
         "preset": "style",
-        **preset_values("style"),
+        **preset_values("style", base),
         "resolution": 0,
         "clip_skip": 1,
         "prior": False,
@@ -251,7 +251,7 @@ def job_view(runner: JobRunner, name: str | None) -> tuple:
 
 def build(runner: JobRunner, workspace: Workspace, models: ModelCache, base_box: gr.Textbox) -> dict:
     """Lay out the Train tab inside the current Blocks; return components other tabs use."""
-    d = default_values()
+    d = default_values(base_box.value or "demo")
     c: dict[str, gr.components.Component] = {}
     with gr.Row():
         c["dataset"] = gr.Dropdown(choices=workspace.list_datasets(), label="Dataset", elem_id="train-dataset")
@@ -351,8 +351,8 @@ def build(runner: JobRunner, workspace: Workspace, models: ModelCache, base_box:
         trigger_mode="always_last",
     )
     c["preset"].change(
-        lambda p: tuple(preset_values(p)[f] for f in PRESET_FIELDS) if p in PRESETS else gr.skip(),
-        c["preset"],
+        lambda p, b: tuple(preset_values(p, b)[f] for f in PRESET_FIELDS) if p in PRESETS else gr.skip(),
+        [c["preset"], base_box],
         [c[f] for f in PRESET_FIELDS],
     )
     go.click(lambda *v: start(runner, workspace, *v, prediction_type=models.prediction_type), inputs, message)
