@@ -37,18 +37,30 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sample_data.shapes import COLORS, DECORATIONS, SHAPES, render, scenes, texture_image, to_array  # noqa: E402
+from sample_data.shapes import (  # noqa: E402
+    ARTIST_STYLES,
+    COLORS,
+    LOOKS,
+    SHAPES,
+    looked_scenes,
+    render,
+    scenes,
+    texture_image,
+    to_array,
+)
 
 BUILD = ROOT / "sample_data" / ".build"
 OUT = ROOT / "sample_data" / "demo_model"
-STAGES = ("data", "vae", "decoder", "latents", "unet", "save")
+STAGES = ("data", "vae", "decoder", "latents", "unet", "unet_more", "save")
 SEED = 1234
-MAX_TOKENS = 32
-# whole-word tokens; the decorations' words ("stripes", "speckles", ...) are spelled in characters, as the shipped
-# model was trained (tests/test_demo_model.py checks that this builds the shipped tokenizer)
+MAX_TOKENS = 48
+UNET_STEPS = 6000
+# whole-word tokens: the content words and every word of the looks' phrases (tests/test_demo_model.py checks that
+# this builds the shipped tokenizer)
 WORDS = sorted(
     set(COLORS)
     | set(SHAPES)
+    | {word for look in LOOKS.values() for word in look.phrase.replace("-", " ").split()}
     | {
         "a",
         "an",
@@ -86,27 +98,43 @@ def write_tokenizer(directory: Path) -> None:
         (directory / stale).unlink(missing_ok=True)
     chars = [chr(c) for c in range(33, 127)]
     tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
-    merges = []
-    for word in WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merged = pieces[0] + pieces[1]
-            merges.append(f"{pieces[0]} {pieces[1]}")
-            if merged not in tokens:
-                tokens.append(merged)
-            pieces = [merged] + pieces[2:]
+    merges: list[tuple[str, str]] = []
+    # BPE applies the lowest-ranked merge first, so one word's merges can split another word ("t e" from "textured"
+    # before "pas t" from "pastel"). Each word gets merges for the pieces it actually has until every word is one token.
+    changed = True
+    while changed:
+        changed = False
+        for word in WORDS:
+            pieces = _bpe(word, {pair: rank for rank, pair in enumerate(merges)})
+            if len(pieces) > 1:
+                merges.append((pieces[0], pieces[1]))
+                tokens.append(pieces[0] + pieces[1])
+                changed = True
     vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
     (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    lines = dict.fromkeys(f"{a} {b}" for a, b in merges)
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
     tokenizer = CLIPTokenizer.from_pretrained(directory, model_max_length=MAX_TOKENS)
     tokenizer.save_pretrained(directory)
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """The pieces BPE makes of `word` (end-of-word marked "</w>") with merges of the given ranks."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), k) for k, pair in enumerate(zip(pieces, pieces[1:], strict=False))]
+        rank, k = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces[k : k + 2] = [pieces[k] + pieces[k + 1]]
+    return pieces
 
 
 # --------------------------------------------------------------------------------------------- stage: data
 
 
-def stage_data(vae_pool: int, scene_pool: int, decorated_share: float = 0.25) -> None:
-    """Render the autoencoder's broad corpus and the UNet's scenes (with their prompts)."""
+def stage_data(vae_pool: int, scene_pool: int, plain_share: float = 0.2) -> None:
+    """Render the autoencoder's broad corpus and the UNet's scenes (plain, or in 1-3 named looks, with prompts)."""
     from multiprocessing import Pool
 
     BUILD.mkdir(parents=True, exist_ok=True)
@@ -117,12 +145,21 @@ def stage_data(vae_pool: int, scene_pool: int, decorated_share: float = 0.25) ->
         np.save(BUILD / "vae_corpus.npy", np.stack(corpus))
         log(f"vae corpus: {len(corpus)} images in {time.time() - started:.0f}s")
         started = time.time()
-        each = round(scene_pool * decorated_share / len(DECORATIONS))
-        decorated = [s for k, look in enumerate(DECORATIONS) for s in scenes(SEED + 3 + k, each, look)]
-        unet_corpus = scenes(SEED + 2, scene_pool - len(decorated)) + decorated
+        unet_corpus = looked_scenes(SEED + 2, scene_pool, plain_share)
         np.save(BUILD / "scenes.npy", np.stack(pool.map(_render, unet_corpus, chunksize=64)))
-    (BUILD / "scenes.json").write_text(json.dumps([s.prompt for s in unet_corpus]))
-    log(f"unet corpus: {len(unet_corpus)} scenes ({len(decorated)} decorated) in {time.time() - started:.0f}s")
+    described = [{"prompt": s.prompt, "labels": scene_labels(s)} for s in unet_corpus]
+    (BUILD / "scenes.json").write_text(json.dumps(described))
+    looked = sum(1 for s in unet_corpus if s.looks)
+    named = sum(1 for s in unet_corpus if s.named_looks)
+    seconds = time.time() - started
+    log(f"unet corpus: {len(unet_corpus)} scenes ({looked} with looks, {named} naming some) in {seconds:.0f}s")
+
+
+def scene_labels(scene) -> list[int]:
+    """What a caption says, as class indices: color, shape, background, then one 0/1 per named look."""
+    colors = list(COLORS)
+    content = [colors.index(scene.color), SHAPES.index(scene.shape), colors.index(scene.background)]
+    return content + [int(look in scene.named_looks) for look in LOOKS]
 
 
 def _texture(index: int) -> np.ndarray:
@@ -206,7 +243,7 @@ def stage_vae(steps: int, batch_size: int = 16, lr: float = 1e-3) -> None:
             log(f"vae step {step + 1}/{steps}: loss {loss.item():.4f} ({per_step:.2f} s/step)")
     vae.eval()
     with torch.no_grad():
-        plain = to_tensor(np.load(BUILD / "scenes.npy")[:2048])
+        plain = to_tensor(np.stack([to_array(render(s)) for s in scenes(SEED + 2, 2048)]))
         normalise_latent_channels(vae, vae.encode(plain).latent_dist.mean)
     vae.save_pretrained(BUILD / "vae")
     log(f"vae: {steps} steps, {reconstruction_report(vae, held_out)}")
@@ -262,8 +299,7 @@ def reconstruction_report(vae, held_out: np.ndarray) -> str:
         x = to_tensor(held_out)
         quality = psnr(vae.decode(vae.encode(x).latent_dist.mode()).sample, x)
         styled = {
-            style: to_tensor(np.stack([to_array(render(s)) for s in scenes(5, 60, style)]))
-            for style in ("ink", "halftone")
+            style: to_tensor(np.stack([to_array(render(s)) for s in scenes(5, 60, style)])) for style in ARTIST_STYLES
         }
         recon = {style: vae.decode(vae.encode(x).latent_dist.mode()).sample for style, x in styled.items()}
         both = psnr(torch.cat(list(recon.values())), torch.cat(list(styled.values())))
@@ -325,7 +361,7 @@ UNET_CONFIG = dict(
     in_channels=VAE_CONFIG["latent_channels"],
     out_channels=VAE_CONFIG["latent_channels"],
     layers_per_block=1,
-    block_out_channels=[64, 96, 128],
+    block_out_channels=[96, 128, 160],
     down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     cross_attention_dim=128,
@@ -355,26 +391,18 @@ def with_made_up_words(prompt: str, rng: random.Random) -> str:
     return f"{words}{rng.choice([',', ',', ''])} {prompt}"
 
 
-def caption_labels(prompts: list[str]) -> torch.Tensor:
-    """(color, shape, background) class indices of each caption 'a {color} {shape} on a {background} background'."""
-    colors = list(COLORS)
-    rows = []
-    for prompt in prompts:
-        words = prompt.split()
-        rows.append((colors.index(words[1]), SHAPES.index(words[2]), colors.index(words[5])))
-    return torch.tensor(rows)
-
-
 class CaptionProbe(torch.nn.Module):
-    """Linear heads reading a caption's color, shape and background from the text encoder's pooled output."""
+    """Linear heads reading a caption's color, shape, background and looks from the text encoder's pooled output."""
 
     def __init__(self, width: int):
         super().__init__()
         self.heads = torch.nn.ModuleList([torch.nn.Linear(width, n) for n in (len(COLORS), len(SHAPES), len(COLORS))])
+        self.looks = torch.nn.Linear(width, len(LOOKS))
 
     def loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the three heads."""
-        return sum(F.cross_entropy(head(pooled), labels[:, k]) for k, head in enumerate(self.heads)) / 3
+        """Mean cross-entropy of the three content heads plus the looks' binary cross-entropy."""
+        content = sum(F.cross_entropy(head(pooled), labels[:, k]) for k, head in enumerate(self.heads)) / 3
+        return content + F.binary_cross_entropy_with_logits(self.looks(pooled), labels[:, 3:].float())
 
 
 def pretrain_text_encoder(text_encoder, probe: CaptionProbe, ids: torch.Tensor, labels: torch.Tensor, steps: int):
@@ -400,6 +428,7 @@ def pretrain_text_encoder(text_encoder, probe: CaptionProbe, ids: torch.Tensor, 
 
 def stage_unet(
     steps: int,
+    stop_at: int | None = None,
     batch_size: int = 24,
     lr: float = 6e-4,
     cfg_dropout: float = 0.1,
@@ -407,7 +436,10 @@ def stage_unet(
     probe_weight: float = 0.1,
     noise_offset: float = 0.3,
 ) -> None:
-    """Train text encoder and UNet together on cached latents; keep an EMA of both."""
+    """Train text encoder and UNet together on cached latents for `steps` in all; keep an EMA of both.
+
+    With `stop_at`, stop after that many steps and leave the whole state (models, EMA, optimizer, random numbers) in
+    BUILD/unet_state.pt; the next call resumes from it, so a long run is cut into stages that each fit an hour."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -428,7 +460,8 @@ def stage_unet(
     vae_config = json.loads((BUILD / "vae" / "config.json").read_text())
     scaling = vae_config["scaling_factor"]
     params = torch.load(BUILD / "scene_latents.pt")
-    prompts = json.loads((BUILD / "scenes.json").read_text())
+    described = json.loads((BUILD / "scenes.json").read_text())
+    prompts = [d["prompt"] for d in described]
     rng = random.Random(SEED)
     variants = [with_made_up_words(p, rng) if rng.random() < made_up_share else p for p in prompts * 2]
     ids = tokenizer(
@@ -436,19 +469,46 @@ def stage_unet(
     ).input_ids
     empty = ids[-1]
     ids = ids[:-1].view(2, len(prompts), -1)
-    labels = caption_labels(prompts)
+    labels = torch.tensor([d["labels"] for d in described])
     probe = CaptionProbe(TEXT_CONFIG["hidden_size"])
-    pretrain_text_encoder(text_encoder, probe, ids, labels, steps=300)
     models = torch.nn.ModuleList([unet, text_encoder])
+    optimizer = torch.optim.AdamW([*models.parameters(), *probe.parameters()], lr=lr, weight_decay=1e-2)
+    generator = torch.Generator().manual_seed(SEED)
+    state_path = BUILD / "unet_state.pt"
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        models.load_state_dict(state["models"])
+        probe.load_state_dict(state["probe"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        ema, start, losses, seconds = state["ema"], state["step"], state["losses"], state["seconds"]
+        log(f"resuming the unet stage at step {start}")
+    else:
+        pretrain_text_encoder(text_encoder, probe, ids, labels, steps=300)
+        ema = [p.detach().clone() for p in models.parameters()]
+        start, losses, seconds = 0, [], 0.0
     unet_count = sum(p.numel() for p in unet.parameters()) / 1e6
     text_count = sum(p.numel() for p in text_encoder.parameters()) / 1e6
     log(f"unet {unet_count:.2f}M parameters, text encoder {text_count:.2f}M")
-    ema = [p.detach().clone() for p in models.parameters()]
-    optimizer = torch.optim.AdamW([*models.parameters(), *probe.parameters()], lr=lr, weight_decay=1e-2)
-    generator = torch.Generator().manual_seed(SEED)
     alphas = scheduler.alphas_cumprod
-    started, losses = time.time(), []
-    for step in range(steps):
+    end = min(steps, stop_at) if stop_at else steps
+    started = time.time()
+
+    def save_state(step: int, spent: float) -> None:
+        state = {
+            "models": models.state_dict(),
+            "probe": probe.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            "ema": ema,
+            "step": step,
+            "losses": losses,
+            "seconds": spent,
+        }
+        torch.save(state, state_path.with_suffix(".tmp"))
+        state_path.with_suffix(".tmp").replace(state_path)
+
+    for step in range(start, end):
         factor = warmup_cosine(step, steps, warmup=200, floor=0.1)
         for group in optimizer.param_groups:
             group["lr"] = lr * factor
@@ -489,13 +549,20 @@ def stage_unet(
                 shadow.lerp_(param.detach(), 1 - decay)
         losses.append(loss.item())
         if (step + 1) % 100 == 0:
-            per_step = (time.time() - started) / (step + 1)
+            per_step = (time.time() - started) / (step + 1 - start)
             recent = sum(losses[-100:]) / 100
             log(f"unet step {step + 1}/{steps}: loss {recent:.4f} lr {lr * factor:.2e} ({per_step:.2f} s/step)")
-        if step + 1 == steps // 3:
-            save_ema_snapshot(unet, text_encoder, ema, BUILD / "partial")
+        if (step + 1) % 1000 == 0 and step + 1 < end:
+            save_state(step + 1, seconds + time.time() - started)  # a killed machine loses at most 1000 steps
+    seconds += time.time() - started
+    if end < steps:
+        save_state(end, seconds)
+        save_ema_snapshot(unet, text_encoder, ema, BUILD / "partial")
+        log(f"unet: stopped at step {end} of {steps} ({seconds / 60:.1f} min so far); the next stage resumes")
+        return
     save_ema_snapshot(unet, text_encoder, ema, BUILD)
-    minutes = (time.time() - started) / 60
+    state_path.unlink(missing_ok=True)
+    minutes = seconds / 60
     (BUILD / "unet_log.json").write_text(json.dumps({"steps": steps, "minutes": minutes, "losses": losses[::10]}))
     log(f"unet: {steps} steps in {minutes:.1f} min")
 
@@ -537,8 +604,11 @@ def stage_save() -> None:
     )
     if OUT.exists():
         shutil.rmtree(OUT)
+    # the UNet's weights are stored in fp16 (half the bytes, within the 40 MB budget); loaders that compute in fp32
+    # ask for it (`torch_dtype=torch.float32`, as the studio does)
+    pipe.unet.to(torch.float16)
     pipe.save_pretrained(OUT, safe_serialization=True)
-    loaded = StableDiffusionPipeline.from_pretrained(OUT)
+    loaded = StableDiffusionPipeline.from_pretrained(OUT, torch_dtype=torch.float32)
     image = loaded(
         "a red circle on a white background", num_inference_steps=20, generator=torch.Generator().manual_seed(0)
     ).images[0]
@@ -549,18 +619,36 @@ def stage_save() -> None:
 
 def main() -> None:
     """Run the stages from --from on."""
+    global BUILD, OUT
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="start", choices=STAGES, default="data")
     parser.add_argument("--only", action="store_true", help="run just the --from stage")
     parser.add_argument("--vae-steps", type=int, default=14000)
     parser.add_argument("--decoder-steps", type=int, default=6000)
-    parser.add_argument("--unet-steps", type=int, default=5000)
+    parser.add_argument("--unet-steps", type=int, default=UNET_STEPS)
     parser.add_argument("--vae-pool", type=int, default=3000)
-    parser.add_argument("--scene-pool", type=int, default=12000)
+    parser.add_argument("--scene-pool", type=int, default=24000)
+    parser.add_argument(
+        "--reuse-vae",
+        metavar="DIR",
+        help="take the autoencoder from this diffusers folder (an earlier build's, e.g. sample_data/demo_model/vae) "
+        "instead of running the vae and decoder stages",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when the machine is shared)")
+    parser.add_argument("--build-dir", type=Path, help=f"where stages cache their results (default {BUILD})")
+    parser.add_argument("--out", type=Path, help=f"where the model is saved (default {OUT})")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    BUILD, OUT = args.build_dir or BUILD, args.out or OUT
     run = STAGES[STAGES.index(args.start) :][: 1 if args.only else None]
+    if args.reuse_vae:
+        import shutil
+
+        BUILD.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(BUILD / "vae", ignore_errors=True)
+        shutil.copytree(args.reuse_vae, BUILD / "vae")
+        run = [stage for stage in run if stage not in ("vae", "decoder")]
+        log(f"autoencoder taken from {args.reuse_vae}")
     for stage in run:
         log(f"stage {stage}")
         if stage == "data":
@@ -572,6 +660,8 @@ def main() -> None:
         elif stage == "latents":
             stage_latents()
         elif stage == "unet":
+            stage_unet(args.unet_steps, stop_at=args.unet_steps // 2)
+        elif stage == "unet_more":
             stage_unet(args.unet_steps)
         else:
             stage_save()
