@@ -1,23 +1,28 @@
 """Build the bundled demo base model: a small but real latent diffusion model of the shapes world.
 
-    python sample_data/build_demo_model.py            # about 75 minutes on 2 CPU cores
+    python sample_data/build_demo_model.py            # about 100 minutes on 2 CPU cores
+    python sample_data/build_demo_model.py --reuse-vae sample_data/demo_model/vae   # about 68 minutes
 
-Stages (each cached in sample_data/.build so a stage can be re-run alone with --from STAGE):
-  data       pools of images: a broad procedural corpus for the autoencoder, shapes-world scenes for the UNet (plain,
-             and a quarter decorated with stripes, gradients, outlines or speckles, each named in the caption)
+Stages (each cached in sample_data/.build, or --build-dir, so a stage can be re-run alone with --from STAGE):
+  data       pools of images: a broad procedural corpus for the autoencoder, and 24,000 shapes-world scenes for the
+             UNet, most drawn in 1-3 named looks (never an artist style's combination, nor all but one of its looks);
+             captions name all of a picture's looks half the time, some a quarter, none a quarter
   vae        an AutoencoderKL (f=4, 16 latent channels) trained on 32x32 crops of the broad corpus; each latent
              channel is then normalised to mean 0 / std 1 inside the weights (scaling_factor 1.0)
   decoder    the autoencoder's decoder trained on alone at a lower learning rate (the encoder, and so the latent
              space the UNet learns, stays as it is: Stable Diffusion's ft-MSE autoencoder was made the same way)
-  latents    the plain scenes encoded once (the UNet trains on cached latents)
+  latents    the scenes encoded once (the UNet trains on cached latents)
   unet       a CLIPTextModel (with a real CLIPTokenizer over a small word vocabulary) and a UNet2DConditionModel
              trained together from scratch with classifier-free-guidance dropout, min-SNR weighting, offset
-             noise and EMA, after a short pretraining of the text encoder to read each caption's color, shape
-             and background; a share of the prompts carry made-up words (like the trigger words users pick)
-             that the models learn to pass over, so a trigger word on the base model does not derail the prompt
+             noise and EMA, after a short pretraining of the text encoder to read each caption's color, shape,
+             background and looks; a share of the prompts carry made-up words (like the trigger words users pick)
+             that the models learn to pass over, so a trigger word on the base model does not derail the prompt.
+             The first half of the steps, saved and resumed by unet_more (state saved every 1,000 steps too)
+  unet_more  the second half
   save       the diffusers folder sample_data/demo_model (loads with StableDiffusionPipeline.from_pretrained)
+--reuse-vae DIR takes an earlier build's autoencoder instead of the vae and decoder stages.
 Step counts are fixed (not time budgets), so the build gives the same model on any machine.
-The evaluator and the measurements live in sample_data/evaluate_demo.py.
+The measurements live in sample_data/evaluate_demo.py, the judges in sample_data/evaluator.py.
 """
 
 from __future__ import annotations

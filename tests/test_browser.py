@@ -86,7 +86,7 @@ def server(base_model, tmp_path_factory):
 def page(server, tmp_path_factory):
     """A page in a fresh headless Chromium profile."""
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (CI installs it)")
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (the README's test command installs it)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -355,9 +355,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Per-model presets, over the ones above (kohya and OneTrainer ship presets per base model). The bundled demo model
-# draws 64 px pictures from a 16x16 latent with a 6M-parameter UNet: Stable Diffusion's values teach it nothing in
-# the minutes a style run has (bench/style_diagnosis.py measures why), so `--base demo` gets values measured on it.
+# Per-model presets, over the ones above (kohya and OneTrainer ship presets per base model): `--base NAME` takes
+# MODEL_PRESETS[NAME][preset] over PRESETS[preset]. The demo model has no values of its own yet: no setting measured
+# on it so far (higher learning rates, a text-encoder LoRA; bench/style_diagnosis.py) draws its styles at CFG 7
+# better than the community's values do, and each broke the pictures' content more (README, the demo model).
 MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "demo": {
         "style": {},
