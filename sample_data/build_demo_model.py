@@ -42,6 +42,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from sample_data.evaluator import content_indices  # noqa: E402
 from sample_data.shapes import (  # noqa: E402
     ARTIST_STYLES,
     COLORS,
@@ -162,9 +163,7 @@ def stage_data(vae_pool: int, scene_pool: int, plain_share: float = 0.2) -> None
 
 def scene_labels(scene) -> list[int]:
     """What a caption says, as class indices: color, shape, background, then one 0/1 per named look."""
-    colors = list(COLORS)
-    content = [colors.index(scene.color), SHAPES.index(scene.shape), colors.index(scene.background)]
-    return content + [int(look in scene.named_looks) for look in LOOKS]
+    return content_indices(scene) + [int(look in scene.named_looks) for look in LOOKS]
 
 
 def _texture(index: int) -> np.ndarray:

@@ -31,6 +31,7 @@ from sample_data.shapes import (  # noqa: E402
     ARTIST_STYLES,
     COLORS,
     LOOKS,
+    LOOKS_IN_SLOT,
     SHAPES,
     STYLES,
     Scene,
@@ -193,11 +194,14 @@ def _content_loss(logits, labels: torch.Tensor) -> torch.Tensor:
     return sum(F.cross_entropy(head, labels[:, k]) for k, head in enumerate(logits))
 
 
+def content_indices(scene: Scene) -> list[int]:
+    """A scene's (color, shape, background) as class indices."""
+    return [COLOR_NAMES.index(scene.color), SHAPES.index(scene.shape), COLOR_NAMES.index(scene.background)]
+
+
 def content_labels(scene_list: list[Scene]) -> torch.Tensor:
     """(color, shape, background) class indices of each scene."""
-    return torch.tensor(
-        [[COLOR_NAMES.index(s.color), SHAPES.index(s.shape), COLOR_NAMES.index(s.background)] for s in scene_list]
-    )
+    return torch.tensor([content_indices(s) for s in scene_list])
 
 
 def look_labels(scene_list: list[Scene]) -> torch.Tensor:
@@ -226,7 +230,7 @@ def near_misses(style: str, seed: int, count: int) -> list[Scene]:
     for _ in range(count):
         looks = list(own)
         k = rng.randrange(len(looks))
-        others = [n for n, look in LOOKS.items() if look.slot == LOOKS[looks[k]].slot and n != looks[k]]
+        others = [name for name in LOOKS_IN_SLOT[LOOKS[looks[k]].slot] if name != looks[k]]
         if others and rng.random() < 0.5:
             looks[k] = rng.choice(others)
         else:

@@ -58,6 +58,7 @@ LOOKS: dict[str, Look] = {
     "muted": Look("in muted colors", "palette"),
 }
 SLOTS = ("fill", "outline", "background", "shadow", "palette")
+LOOKS_IN_SLOT = {slot: [name for name, look in LOOKS.items() if look.slot == slot] for slot in SLOTS}
 
 # Artist styles: combinations of looks with fixed parameters. The base model's corpus never holds a style's
 # combination, nor any picture with all but one of its looks. "poster" is kept out of every choice made while
@@ -404,7 +405,7 @@ def random_looks(rng: random.Random, plain_share: float = 0.2, most: int = 3) ->
         return ()
     count = rng.choices(range(1, most + 1), weights=[0.4, 0.35, 0.25, 0.15, 0.1][:most])[0]
     slots = rng.sample(SLOTS, count)
-    return tuple(rng.choice([name for name, look in LOOKS.items() if look.slot == slot]) for slot in slots)
+    return tuple(rng.choice(LOOKS_IN_SLOT[slot]) for slot in slots)
 
 
 # how often the base model's corpus fills each slot: fills (stripes, hatching, dots inside the shape) are the hardest
@@ -421,7 +422,7 @@ def corpus_looks(rng: random.Random, plain_share: float = 0.2, most: int = 3) ->
         if not slots or len(slots) > most:
             continue
         rng.shuffle(slots)
-        looks = tuple(rng.choice([name for name, look in LOOKS.items() if look.slot == slot]) for slot in slots)
+        looks = tuple(rng.choice(LOOKS_IN_SLOT[slot]) for slot in slots)
         if held_out_combination(looks) is None:
             return looks
 
