@@ -287,12 +287,14 @@ def export_adapter(
     include_dataset_metadata: bool = True,
     dtype: str | None = None,
     title: str | None = None,
+    metadata_updates: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Re-write an adapter file as a CivitAI-ready kohya file; optionally private, retitled or recast."""
+    """Re-write an adapter file as a CivitAI-ready kohya file; optionally private, retitled, recast or with new keys."""
     adapter = read_adapter(source)
     metadata = dict(adapter.metadata)
     if not include_dataset_metadata:
         metadata = strip_dataset_metadata(metadata)
+    metadata.update(metadata_updates or {})
     if title:
         metadata["ss_output_name"] = title
         metadata["modelspec.title"] = title

@@ -1,4 +1,4 @@
-"""`studio train | export | generate | inspect | merge | ui`: builds configs and calls the library, nothing more."""
+"""`studio train | export | import | generate | inspect | merge | ui`: builds configs and calls the library."""
 
 from __future__ import annotations
 
@@ -188,23 +188,47 @@ def _print_estimate(config, device: str) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from studio.adapters import export_adapter, file_hashes
+    from studio import sidecars
+    from studio.adapters import file_hashes
 
     dtype = None if args.dtype == "keep" else args.dtype
-    metadata = export_adapter(
+    metadata, warnings = sidecars.export_with_sidecars(
         args.adapter, args.out, include_dataset_metadata=args.dataset_metadata, dtype=dtype, title=args.title
     )
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     hashes = file_hashes(args.out)
     print(f"wrote {args.out}")
     print(f"  title: {metadata.get('modelspec.title', '')}  trigger: {metadata.get('modelspec.trigger_phrase', '')}")
     print(f"  AutoV2 {hashes['AutoV2']}  AutoV3 {hashes['AutoV3'][:12]}  SHA256 {hashes['SHA256']}")
+    beside = [p for p in (sidecars.json_path(args.out), sidecars.preview_path(args.out)) if p.is_file()]
+    print(f"  A1111 sidecars: {', '.join(str(p) for p in beside)}")
+    if "ssmd_cover_images" in metadata:
+        print("  cover image embedded (ssmd_cover_images, modelspec.thumbnail)")
     if not args.dataset_metadata:
         print("  caption and dataset-folder metadata left out")
     return 0
 
 
-def parse_weighted(spec: str, default: float = 1.0) -> tuple[str, float, float | None]:
-    """FILE[:W[:UNET_W]] -> (file, weight, unet weight or None); the file part may itself contain ':'."""
+def _run_import(args: argparse.Namespace) -> int:
+    from studio import sidecars
+    from studio.adapters import parse_adapter
+    from studio.library import Workspace
+
+    parsed = parse_adapter(args.file)  # refuses pickles, unreadable files and files with no LoRA in them
+    workspace = Workspace(args.workspace)
+    target, warnings = workspace.import_adapter(args.file, args.name or "")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    fields, _ = sidecars.stored_fields(target)
+    print(f"imported {target.stem} into {target.parent} ({parsed.format} format, {len(parsed.modules)} modules)")
+    print(f"  trigger: {fields.get('activation text') or '-'}  preferred weight: {fields.get('preferred weight', 1):g}")
+    print(f"  preview: {workspace.preview_path(target.stem) if workspace.preview_path(target.stem).is_file() else '-'}")
+    return 0
+
+
+def parse_weighted(spec: str, default: float | None = 1.0) -> tuple[str, float | None, float | None]:
+    """FILE[:W[:UNET_W]] -> (file, weight or `default`, unet weight or None); the file part may itself contain ':'."""
     parts = spec.rsplit(":", 2)
     numbers: list[float] = []
     while len(parts) > 1 and len(numbers) < 2:
@@ -222,11 +246,13 @@ def parse_weighted(spec: str, default: float = 1.0) -> tuple[str, float, float |
 
 def build_generate_request(args: argparse.Namespace):
     """The GenerationRequest described by parsed `studio generate` arguments."""
+    from studio import sidecars
     from studio.generate import GenerationRequest, LoraRequest
 
     loras = []
     for spec in args.lora or []:
-        path, weight, unet_weight = parse_weighted(spec)
+        path, weight, unet_weight = parse_weighted(spec, default=None)
+        weight = sidecars.preferred_weight(path) if weight is None else weight  # A1111's NAME.json beside the file
         loras.append(LoraRequest(path, weight, unet_weight))
     return GenerationRequest(
         prompt=args.prompt,
@@ -350,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="studio", description="LoRA style studio")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
-    e = sub.add_parser("export", help="write a CivitAI-ready copy of an adapter")
+    e = sub.add_parser("export", help="write a CivitAI-ready copy of an adapter, with A1111 sidecars beside it")
     e.add_argument("adapter", help="adapter .safetensors file")
     e.add_argument("--out", required=True, help="file to write")
     e.add_argument(
@@ -361,6 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--dtype", choices=["keep", "fp16", "bf16", "fp32"], default="keep")
     e.add_argument("--title", help="new title stored in the file")
+    imp = sub.add_parser(
+        "import", help="add an adapter file to a workspace library, with its A1111 NAME.json and NAME.preview.png"
+    )
+    imp.add_argument("file", help="adapter .safetensors file (its NAME.json / NAME.preview.png are read if beside it)")
+    imp.add_argument("--workspace", default="workspace", help="workspace folder (the library is its adapters/)")
+    imp.add_argument("--name", help="name in the library (default: the file name)")
     g = sub.add_parser("generate", help="generate images, optionally with adapters")
     g.add_argument("--base", default="demo", help="base model")
     g.add_argument(
@@ -370,7 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--prompt", required=True, help="prompt; may contain <lora:name:w> tags")
     g.add_argument("--negative", default="", help="negative prompt")
-    g.add_argument("--lora", action="append", help="FILE[:W[:UNET_W]] adapter (repeatable)")
+    g.add_argument(
+        "--lora", action="append", help="FILE[:W[:UNET_W]] adapter (repeatable; W defaults to its NAME.json's weight)"
+    )
     g.add_argument("--seed", type=int, default=-1, help="seed (-1: random); image i uses seed + i")
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--cfg", type=float, default=7.0)
@@ -420,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "train": _run_train,
         "export": _run_export,
+        "import": _run_import,
         "generate": _run_generate,
         "inspect": _run_inspect,
         "merge": _run_merge,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 
 # <lora:name:w>, <lora:name:te_w:unet_w>, <lora:name:te=0.3:unet=1>
 LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
@@ -54,7 +55,8 @@ def lora_tag(name: str, te_weight: float, unet_weight: float) -> str:
 
 
 def _fmt(value: float) -> str:
-    return f"{value:g}"
+    """`value` in plain decimals, never an exponent ("1e-05" is not a weight to CivitAI's `[0-9.]+`)."""
+    return format(Decimal(repr(float(value) + 0.0)).normalize(), "f")  # + 0.0 turns -0.0 into 0.0
 
 
 def _quote(value: str) -> str:

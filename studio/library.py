@@ -11,11 +11,13 @@ import stat
 import unicodedata
 import zipfile
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from studio import atomic
+from studio import atomic, sidecars
 from studio.models import DEMO_MODEL_DIR
+from studio.sidecars import PREVIEW_SUFFIX
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -27,7 +29,6 @@ MAX_ZIP_RATIO = 200  # uncompressed / compressed size of one zip entry; images b
 ZIP_RATIO_FLOOR = 1024**2  # entries smaller than this may compress as well as they like
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar")
 DATASET_SETTINGS = "dataset.json"
-PREVIEW_SUFFIX = ".preview.png"
 # style sets made for the bundled demo model (sample_data/make_styles.py): ready examples for a first run
 EXAMPLE_STYLES_DIR = DEMO_MODEL_DIR.parent / "styles"
 
@@ -106,7 +107,7 @@ class Workspace:
 
     @property
     def adapters_dir(self) -> Path:
-        """Trained and imported adapters, one .safetensors each."""
+        """Trained and imported adapters, one .safetensors each, with A1111's NAME.json and NAME.preview.png."""
         return self.root / "adapters"
 
     @property
@@ -280,27 +281,52 @@ class Workspace:
         return self.adapters_dir / f"{safe_name(name)}_samples"
 
     def rename_adapter(self, old: str, new: str) -> Path:
-        """Rename adapter `old` to `new` (its title inside the file too), with its preview and samples."""
-        from studio.adapters import export_adapter
-
+        """Rename adapter `old` to `new` (its title inside the file too), with its sidecars and samples."""
         source = self.existing_adapter(old)
         target = self.adapter_path(new)
         if target.exists():
             raise ValueError(f"an adapter named {new!r} already exists")
-        export_adapter(source, target, title=safe_name(new))
-        for old_path, new_path in (
-            (self.preview_path(old), self.preview_path(new)),
-            (self.samples_dir(old), self.samples_dir(new)),
-        ):
-            if old_path.exists():
-                old_path.rename(new_path)
+        try:
+            sidecars.export_with_sidecars(source, target, embed=False, title=safe_name(new))
+        except BaseException:
+            target.unlink(missing_ok=True)
+            sidecars.remove_sidecars(target)
+            raise
+        if self.samples_dir(old).exists():
+            self.samples_dir(old).rename(self.samples_dir(new))
         source.unlink()
+        sidecars.remove_sidecars(source)
         return target
 
+    def import_adapter(
+        self, source: str | Path, name: str = "", extras: Iterable[str | Path] = ()
+    ) -> tuple[Path, list[str]]:
+        """Copy a checked adapter file into the library as `name` (default: its file name) with the A1111 sidecars
+        among `extras` or beside it; (library file, warnings about unusable sidecars). Nothing is left on failure."""
+        source = Path(source)
+        target_name = safe_name(name) if (name or "").strip() else Path(sanitize_filename(source.name)).stem
+        target = self.adapter_path(target_name)
+        if target.exists():
+            raise ValueError(f"an adapter named {target_name!r} already exists; give another name")
+        found = sidecars.gather(source, extras)
+        try:
+            with atomic.atomic_path(target, exclusive=True) as tmp:  # a simultaneous import of the same name loses
+                shutil.copyfile(source, tmp)
+        except FileExistsError:
+            raise ValueError(f"an adapter named {target_name!r} already exists; give another name") from None
+        try:
+            sidecars.write_sidecars(target, found.fields, found.preview)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            sidecars.remove_sidecars(target)
+            raise
+        return target, found.warnings
+
     def delete_adapter(self, name: str) -> None:
-        """Delete adapter `name`, its preview and its final samples (training runs are kept)."""
-        self.existing_adapter(name).unlink()
-        self.preview_path(name).unlink(missing_ok=True)
+        """Delete adapter `name`, its sidecars and its final samples (training runs are kept)."""
+        path = self.existing_adapter(name)
+        path.unlink()
+        sidecars.remove_sidecars(path)
         shutil.rmtree(self.samples_dir(name), ignore_errors=True)
 
     def checkpoints(self, name: str) -> list[tuple[str, Path]]:

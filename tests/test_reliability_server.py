@@ -202,7 +202,7 @@ def test_an_oversize_upload_is_refused_and_uploads_stay_in_the_workspace(server)
 
 def test_an_upload_never_silently_overwrites_an_adapter_or_an_image(server, tmp_path):
     client = _client(server, tmp_path)
-    import_fn = next(  # the Import button: (file, name, base model) -> status
+    import_fn = next(  # the Import button: (files: the adapter and its A1111 sidecars, name, base model) -> status
         i
         for i, fn in server.app.fns.items()
         if [getattr(c, "elem_id", None) for c in (*fn.inputs, *fn.outputs)] == [None, None, "base-model", "lib-status"]
@@ -211,10 +211,10 @@ def test_an_upload_never_silently_overwrites_an_adapter_or_an_image(server, tmp_
     impostor = tmp_path / "a.safetensors"  # another adapter under an existing name
     shutil.copyfile(server.ws.adapter_path("b"), impostor)
     for name in ("a", ""):
-        status = client.predict(handle_file(str(impostor)), name, server.base, fn_index=import_fn)
+        status = client.predict([handle_file(str(impostor))], name, server.base, fn_index=import_fn)
         assert "an adapter named 'a' already exists; give another name" in status
     assert server.ws.adapter_path("a").read_bytes() == original
-    status = client.predict(handle_file(str(impostor)), "a_copy", server.base, fn_index=import_fn)
+    status = client.predict([handle_file(str(impostor))], "a_copy", server.base, fn_index=import_fn)
     assert "Imported **a_copy**" in status and server.ws.adapter_path("a").read_bytes() == original
     server.ws.delete_adapter("a_copy")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from studio import atomic
+from studio import atomic, sidecars
 from studio.adapters import kohya_state_dict, save_adapter, training_metadata
 from studio.conditioning import PromptEmbeddings, check_clip_skip, encode_prompts, prompt_arguments
 from studio.models import BaseModel, load_base
@@ -583,6 +583,10 @@ class Trainer:
                 )
                 metadata = self._metadata(base, report, plan, global_step, started, prediction_type)
                 save_adapter(output, tensors, metadata, dtype=cfg.save_dtype)
+                try:  # A1111's NAME.json beside it; the adapter is what matters if that cannot be written
+                    sidecars.write_sidecars(output)
+                except (OSError, ValueError) as exc:
+                    logger.warning("wrote %s but not its A1111 sidecar: %s", output, exc)
                 final_samples = self._samples(base, unet, trained_tes, output.with_name(output.stem + "_samples"))
         accelerator.wait_for_everyone()  # the others return only once the adapter is on disk
         seconds = time.time() - started

@@ -10,6 +10,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
+from studio import sidecars
 from studio.conditioning import MAX_CLIP_SKIP
 from studio.generate import MEMORY_MODES, SAMPLERS, GenerationRequest, LoraRequest, generate
 from studio.library import Workspace
@@ -17,6 +18,7 @@ from studio.ui.common import ModelCache, real_number, reports_errors, whole_numb
 
 SLOTS = 4
 SLOT_FIELDS = ("adapter", "weight", "enabled", "separate", "te_weight", "unet_weight")
+WEIGHT_SLIDER = (-2.0, 2.0)  # the stack rows' weight slider (the separate TE / UNet boxes take -10..10)
 # the Memory accordion's checkboxes: request field -> (label, what it does)
 MEMORY_BOXES = {
     "vae_slicing": ("VAE slicing", "decode a batch one image at a time"),
@@ -73,6 +75,16 @@ def build_request(*args: Any, memory: Sequence[bool] = (False, False, False), cl
 def library_resolver(workspace: Workspace):
     """Look adapter names (from the stack or `<lora:name:w>` tags) up in the workspace library."""
     return workspace.existing_adapter
+
+
+def slot_weight(workspace: Workspace, name: str | None, weight: Any) -> Any:
+    """The weight a stack row takes when adapter `name` is chosen: its preferred weight (A1111's NAME.json), if new."""
+    try:
+        path = workspace.existing_adapter(name or "")
+    except ValueError:  # no adapter chosen, or one that is gone: the row keeps its weight
+        return gr.update()
+    preferred = min(max(sidecars.preferred_weight(path), WEIGHT_SLIDER[0]), WEIGHT_SLIDER[1])
+    return gr.update() if preferred == weight else gr.update(value=preferred)
 
 
 def read_infotext(path: str | Path) -> str:
@@ -159,7 +171,9 @@ def build(workspace: Workspace, models: ModelCache, base_box: gr.Textbox) -> dic
                     "adapter": gr.Dropdown(
                         choices=workspace.list_adapters(), label=f"Adapter {index + 1}", elem_id=f"gen-adapter-{index}"
                     ),
-                    "weight": gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", elem_id=f"gen-weight-{index}"),
+                    "weight": gr.Slider(
+                        *WEIGHT_SLIDER, value=1.0, step=0.05, label="Weight", elem_id=f"gen-weight-{index}"
+                    ),
                     "enabled": gr.Checkbox(value=True, label="Enabled"),
                     "separate": gr.Checkbox(value=False, label="Separate TE / UNet weights"),
                     "te_weight": gr.Number(value=1.0, label="Text-encoder weight"),
@@ -202,6 +216,10 @@ def build(workspace: Workspace, models: ModelCache, base_box: gr.Textbox) -> dic
         [gallery, paths, info, status],
     ).then(lambda: "", None, selected)
     gallery.select(select_image, paths, [info, selected])
+    for slot in slots:
+        slot["adapter"].input(
+            lambda n, w: slot_weight(workspace, n, w), [slot["adapter"], slot["weight"]], slot["weight"]
+        )
     preview.click(lambda a, i, p: set_preview(workspace, a, i, p), [preview_for, selected, paths], status)
     add.click(
         lambda n: (min(n + 1, SLOTS), *[gr.update(visible=i < n + 1) for i in range(SLOTS)]),

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 from PIL import Image
 
-from studio import atomic
-from studio.adapters import export_adapter, file_hashes, parse_adapter, read_metadata
+from studio import atomic, sidecars
+from studio.adapters import file_hashes, parse_adapter, read_metadata
 from studio.compose import match_adapter
 from studio.library import Workspace, safe_name, sanitize_filename
 from studio.merge import merge_adapters
 from studio.ui.common import ModelCache, error_text, real_number, reports_errors, uploaded_paths, whole_number
 
 CARD_HEADERS = ["adapter", "trigger", "base", "rank", "alpha", "steps", "images", "date", "AutoV3"]
+SIDECAR_UPLOADS = (".json", ".png")  # A1111's NAME.json and NAME.preview.png, uploaded with the adapter
 
 
 def card(workspace: Workspace, name: str) -> dict[str, str]:
@@ -33,7 +33,7 @@ def card(workspace: Workspace, name: str) -> dict[str, str]:
             date = ""
     return {
         "adapter": name,
-        "trigger": meta.get("modelspec.trigger_phrase", ""),
+        "trigger": sidecars.trigger(path, meta),
         "base": meta.get("ss_sd_model_name") or meta.get("ss_base_model_version", ""),
         "rank": meta.get("ss_network_dim", ""),
         "alpha": meta.get("ss_network_alpha", ""),
@@ -88,6 +88,7 @@ def details(workspace: Workspace, name: str) -> tuple[Any, str]:
         f"- **SHA256**: `{hashes['SHA256']}`",
         f"- **file**: `{path.name}` ({path.stat().st_size / 1024:.1f} KiB)",
         f"- **captions/dataset metadata in file**: {'yes' if 'ss_tag_frequency' in meta else 'no'}",
+        f"- **preferred weight** (A1111's, in `{sidecars.json_path(path).name}`): {sidecars.preferred_weight(path):g}",
         f"- use it in a prompt: `<lora:{name}:0.8>`",
     ]
     preview = workspace.preview_path(name)
@@ -96,13 +97,14 @@ def details(workspace: Workspace, name: str) -> tuple[Any, str]:
 
 @reports_errors(outputs=1, status=0)
 def import_adapter(models: ModelCache, workspace: Workspace, base: str, files: Any, name: str) -> str:
-    """Validate an uploaded LoRA, check it against the base model, and add it to the library."""
+    """Validate an uploaded LoRA, check it against the base model, and add it to the library with its A1111 sidecars."""
     paths = uploaded_paths(files)
-    if not paths:
-        raise ValueError("choose a .safetensors LoRA file to import")
-    if len(paths) > 1:
-        raise ValueError("import one file at a time")
-    source = paths[0]
+    adapters = [p for p in paths if p.suffix.lower() not in SIDECAR_UPLOADS]
+    if not adapters:
+        raise ValueError("choose a .safetensors LoRA file to import (its .json and .preview.png may come with it)")
+    if len(adapters) > 1:
+        raise ValueError("import one adapter at a time (with its .json and .preview.png, if any)")
+    source = adapters[0]
     parsed = parse_adapter(source)  # refuses pickles, unreadable files and files with no LoRA in them
     target_name = safe_name(name) if (name or "").strip() else Path(sanitize_filename(source.name)).stem
     target = workspace.adapter_path(target_name)
@@ -115,12 +117,12 @@ def import_adapter(models: ModelCache, workspace: Workspace, base: str, files: A
         if "matches nothing" in str(exc) or "is a LoRA for" in str(exc):
             raise
         unmatched, checked = list(parsed.unknown_keys), f"not checked against a base model ({exc})"
-    try:
-        with atomic.atomic_path(target, exclusive=True) as tmp:  # a simultaneous import of the same name loses
-            shutil.copyfile(source, tmp)
-    except FileExistsError:
-        raise ValueError(f"an adapter named {target_name!r} already exists; give another name") from None
-    lines = [f"Imported **{target_name}** ({parsed.format} format, {len(parsed.modules)} modules); {checked}."]
+    _, warnings = workspace.import_adapter(source, target_name, [p for p in paths if p != source])
+    fields, _ = sidecars.stored_fields(target)
+    kept = f"trigger `{fields.get('activation text') or '-'}`, preferred weight {fields.get('preferred weight', 1):g}"
+    kept += ", preview" if workspace.preview_path(target_name).is_file() else ", no preview"
+    lines = [f"Imported **{target_name}** ({parsed.format} format, {len(parsed.modules)} modules); {checked}; {kept}."]
+    lines += [f"- Warning: {warning}" for warning in warnings]
     if unmatched:
         lines.append(f"**{len(unmatched)} key(s) not used** (they would do nothing):")
         lines += [f"- `{key}`" for key in unmatched[:50]]
@@ -131,19 +133,25 @@ def import_adapter(models: ModelCache, workspace: Workspace, base: str, files: A
 
 @reports_errors(outputs=2, status=1)
 def export(workspace: Workspace, name: str, include_dataset_metadata: bool) -> tuple[str | None, str]:
-    """Write a CivitAI-ready copy and offer it as a download; (file, summary)."""
+    """Write a CivitAI-ready copy with A1111's sidecars beside it and offer it as a download; (file, summary)."""
     source = workspace.existing_adapter(name)
     suffix = "" if include_dataset_metadata else "_private"
     target = workspace.exports_dir / f"{safe_name(name)}{suffix}.safetensors"
-    metadata = export_adapter(source, target, include_dataset_metadata=include_dataset_metadata)
+    metadata, warnings = sidecars.export_with_sidecars(
+        source, target, include_dataset_metadata=include_dataset_metadata
+    )
     hashes = file_hashes(target)
+    beside = [p.name for p in (sidecars.json_path(target), sidecars.preview_path(target)) if p.is_file()]
     summary = (
         f"Exported **{metadata.get('modelspec.title', name)}** - trigger "
         f"`{metadata.get('modelspec.trigger_phrase', '')}`, rank {metadata.get('ss_network_dim')}, "
         f"alpha {metadata.get('ss_network_alpha')}; caption/dataset metadata "
-        f"{'included' if include_dataset_metadata else 'left out'}. "
-        f"AutoV2 `{hashes['AutoV2']}`, AutoV3 `{hashes['AutoV3'][:12]}`"
+        f"{'included' if include_dataset_metadata else 'left out'}"
+        f"{'; cover image embedded' if 'ssmd_cover_images' in metadata else ''}. "
+        f"AutoV2 `{hashes['AutoV2']}`, AutoV3 `{hashes['AutoV3'][:12]}`. "
+        f"A1111 sidecars beside it in `{target.parent}`: {', '.join(f'`{n}`' for n in beside)}"
     )
+    summary += "".join(f"\n\nWarning: {warning}" for warning in warnings)
     return str(target), summary
 
 
@@ -167,6 +175,7 @@ def merge(workspace: Workspace, spec: str, output: str, rank: Any) -> str:
         raise ValueError(f"an adapter named {output!r} already exists; choose another name")
     rank = whole_number(rank, "rank", 0, 1024)
     report = merge_adapters(inputs, target, rank=rank or None, title=safe_name(output))
+    sidecars.write_sidecars(target)
     how = "exact (ranks concatenated)" if not rank else f"SVD to rank {rank}"
     return (
         f"Merged into **{output}**: {report.modules} modules, {how}, max rank {report.max_rank}; "
@@ -217,7 +226,12 @@ def build(workspace: Workspace, models: ModelCache, base_box: gr.Textbox) -> dic
         export_button = gr.Button("Export for CivitAI", variant="primary", elem_id="lib-export")
         download = gr.File(label="Download", interactive=False, elem_id="lib-download")
     with gr.Tab("Import"):
-        upload = gr.File(label=".safetensors LoRA", file_types=[".safetensors"], type="filepath")
+        upload = gr.File(
+            label=".safetensors LoRA (with its A1111 NAME.json and NAME.preview.png, if you have them)",
+            file_types=[".safetensors", *SIDECAR_UPLOADS],
+            file_count="multiple",
+            type="filepath",
+        )
         import_name = gr.Textbox(label="Name in the library (default: the file name)")
         import_button = gr.Button("Import")
     with gr.Tab("Merge"):
