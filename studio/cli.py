@@ -244,8 +244,23 @@ def parse_weighted(spec: str, default: float | None = 1.0) -> tuple[str, float |
     return name, weight, numbers[1] if len(numbers) > 1 else None
 
 
-def build_generate_request(args: argparse.Namespace):
-    """The GenerationRequest described by parsed `studio generate` arguments."""
+def generate_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts of a `studio generate` call: each --prompt, then each line of --prompts-file (# lines skipped)."""
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            text = Path(args.prompts_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read prompts file {args.prompts_file}: {exc}") from exc
+        lines = (line.strip() for line in text.splitlines())
+        prompts += [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise ValueError("no prompt: give --prompt (repeatable) or --prompts-file with one prompt per line")
+    return prompts
+
+
+def build_generate_requests(args: argparse.Namespace) -> list:
+    """One GenerationRequest per prompt of parsed `studio generate` arguments, all with the same other settings."""
     from studio import sidecars
     from studio.generate import GenerationRequest, LoraRequest
 
@@ -254,33 +269,43 @@ def build_generate_request(args: argparse.Namespace):
         path, weight, unet_weight = parse_weighted(spec, default=None)
         weight = sidecars.preferred_weight(path) if weight is None else weight  # A1111's NAME.json beside the file
         loras.append(LoraRequest(path, weight, unet_weight))
-    return GenerationRequest(
-        prompt=args.prompt,
-        negative_prompt=args.negative,
-        seed=args.seed,
-        steps=args.steps,
-        cfg=args.cfg,
-        width=args.width,
-        height=args.height,
-        sampler=args.sampler,
-        batch=args.batch,
-        loras=loras,
-        fuse=args.fuse,
-        vae_slicing=args.vae_slicing,
-        vae_tiling=args.vae_tiling,
-        cpu_offload=args.cpu_offload,
-        clip_skip=args.clip_skip,
-    )
+    return [
+        GenerationRequest(
+            prompt=prompt,
+            negative_prompt=args.negative,
+            seed=args.seed,
+            steps=args.steps,
+            cfg=args.cfg,
+            width=args.width,
+            height=args.height,
+            sampler=args.sampler,
+            batch=args.batch,
+            loras=list(loras),
+            fuse=args.fuse,
+            vae_slicing=args.vae_slicing,
+            vae_tiling=args.vae_tiling,
+            cpu_offload=args.cpu_offload,
+            clip_skip=args.clip_skip,
+        )
+        for prompt in generate_prompts(args)
+    ]
+
+
+def build_generate_request(args: argparse.Namespace):
+    """The GenerationRequest of the first prompt of parsed `studio generate` arguments."""
+    return build_generate_requests(args)[0]
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    from studio.compose import AdapterStack
     from studio.generate import generate
+    from studio.infotext import parse_lora_tags
     from studio.library import Workspace
     from studio.models import load_base
 
-    request = build_generate_request(args)
+    requests = build_generate_requests(args)  # every prompt is checked before the model loads
     library = Workspace(args.workspace) if args.workspace else None
-    extra = {Path(lora.name).stem: Path(lora.name) for lora in request.loras}
+    extra = {Path(lora.name).stem: Path(lora.name) for lora in requests[0].loras}
 
     def resolve(name: str) -> Path:
         if name in extra:
@@ -289,12 +314,19 @@ def _run_generate(args: argparse.Namespace) -> int:
             return library.adapter_path(name)
         raise ValueError(f"unknown adapter {name!r} in the prompt: pass it with --lora or put it in the library")
 
+    for request in requests:  # a bad <lora:...> tag in the last prompt fails now, not after the others ran
+        for tag in parse_lora_tags(request.prompt)[1]:
+            resolve(tag.name)
     base = load_base(args.base, prediction_type=args.prediction_type)
-    result = generate(base, request, resolver=resolve, out_dir=args.out)
-    for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
-    for path in result.paths:
-        print(f"wrote {path}")
+    stack = AdapterStack(base)  # one model and one adapter stack for every prompt: loaded and fused once
+    for number, request in enumerate(requests, start=1):
+        if len(requests) > 1:
+            print(f"[{number}/{len(requests)}] {request.prompt}")
+        result = generate(base, request, stack=stack, resolver=resolve, out_dir=args.out)
+        for note in result.notes:
+            print(f"note: {note}", file=sys.stderr)
+        for path in result.paths:
+            print(f"wrote {path}")
     return 0
 
 
@@ -400,7 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["epsilon", "v_prediction"],
         help="for SD 2.x single files, which do not say: epsilon (512 base) or v_prediction (768-v)",
     )
-    g.add_argument("--prompt", required=True, help="prompt; may contain <lora:name:w> tags")
+    g.add_argument(
+        "--prompt",
+        action="append",
+        help="prompt; may contain <lora:name:w> tags (repeatable: the model loads once for all prompts)",
+    )
+    g.add_argument(
+        "--prompts-file",
+        help="text file with one prompt per line (blank lines and lines starting with # are skipped), after --prompt",
+    )
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument(
         "--lora", action="append", help="FILE[:W[:UNET_W]] adapter (repeatable; W defaults to its NAME.json's weight)"
@@ -433,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument(
         "--cpu-offload", action="store_true", help="keep each model on the CPU until it runs (needs a GPU)"
     )
-    g.add_argument("--out", required=True, help="folder for the PNGs")
+    g.add_argument("--out", required=True, help="folder for the PNGs (numbered on from the files already there)")
     i = sub.add_parser("inspect", help="show an adapter file's format, family, ranks, metadata and hashes")
     i.add_argument("file")
     i.add_argument("--base", help="also match it against this base model and list unmatched keys")

@@ -1,6 +1,7 @@
 """Generation: validation, <lora:...> tags, samplers, cancellation, PNG infotext, and the CLI against diffusers."""
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,3 +196,48 @@ def test_two_checkpoints_with_the_same_file_name_are_two_adapters(tiny_model_dir
     generate(base, request, stack=stack)
     assert sorted(stack.entries) == ["adapter", "adapter_2"]
     assert {e.adapter.parsed.path for e in stack.entries.values()} == {first, second}
+
+
+def test_cli_generates_every_prompt_with_one_model_load_and_each_prompts_infotext(
+    tiny_model_dir, library, tmp_path, monkeypatch, capsys
+):
+    import studio.models
+
+    dots = make_adapter(tiny_model_dir, tmp_path / "dots.safetensors", seed=4, rank=2, alpha=1.0)
+    loads = []
+    real_load = studio.models.load_base
+    monkeypatch.setattr(studio.models, "load_base", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("sks, a red circle <lora:dots:0.5>\n\n# a comment line\nsks, a green square\n")
+    common = ["--base", str(tiny_model_dir), "--lora", f"{library / 'inky.safetensors'}:0.7", "--lora", f"{dots}:0"]
+    common += ["--seed", "11", "--batch", "2", "--steps", "2", "--width", "32", "--height", "32"]
+    out = tmp_path / "out"
+    argv = ["generate", *common, "--prompt", "sks, a blue square", "--prompts-file", str(prompts), "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert len(loads) == 1, "one model load for all prompts"
+    written = [Path(line.split(" ", 1)[1]) for line in capsys.readouterr().out.splitlines() if line.startswith("wrote")]
+    assert len(written) == len(set(written)) == 6 and sorted(out.glob("*.png")) == sorted(written)
+    infos = [parse_infotext(Image.open(path).text["parameters"]) for path in written]
+    expected = ["sks, a blue square", "sks, a red circle", "sks, a green square"]
+    for index, (prompt, _, params) in enumerate(infos):
+        assert prompt.startswith(expected[index // 2] + " <lora:inky:0.7>"), prompt
+        assert params["Seed"] == str(11 + index % 2) and params["Size"] == "32x32"
+    assert "<lora:dots:0.5>" in infos[2][0] and "dots" not in infos[4][0]  # each prompt's own tags
+
+    # the shared model and adapter stack leave no trace: the last prompt alone gives the same pictures
+    alone = tmp_path / "alone"
+    assert main(["generate", *common, "--prompt", "sks, a green square", "--out", str(alone)]) == 0
+    assert len(loads) == 2
+    for batched, single in zip(written[4:], sorted(alone.glob("*.png")), strict=True):
+        assert np.array_equal(np.asarray(Image.open(batched)), np.asarray(Image.open(single)))
+
+
+def test_cli_generate_needs_a_prompt_and_reads_the_prompts_file_before_loading(tmp_path, capsys):
+    assert main(["generate", "--out", str(tmp_path / "o")]) == 2
+    assert "no prompt" in capsys.readouterr().err
+    assert main(["generate", "--prompts-file", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert "cannot read prompts file" in capsys.readouterr().err
+    (tmp_path / "p.txt").write_text("a cat\na dog <lora:ghost:1>\n")
+    argv = ["generate", "--base", str(tmp_path / "no_model"), "--prompts-file", str(tmp_path / "p.txt")]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert "unknown adapter 'ghost'" in capsys.readouterr().err  # found before loading the (missing) model
