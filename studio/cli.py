@@ -36,6 +36,9 @@ TRAIN_FLAGS = {
     "caption_dropout": "caption_dropout_rate",
     "ema_decay": "ema_decay",
     "checkpoint_every": "checkpoint_every_steps",
+    "validation_images": "validation_images",
+    "validation_dir": "validation_dir",
+    "log_with": "log_with",
     "sample_prompt": "sample_prompts",
     "mixed_precision": "mixed_precision",
     "optimizer": "optimizer",
@@ -87,6 +90,17 @@ def _train_parser(sub) -> None:
     p.add_argument("--caption-dropout", type=float, help="share of samples trained on the empty prompt (0: off)")
     p.add_argument("--ema-decay", type=float, help="export a moving average of the weights, e.g. 0.99 (0: off)")
     p.add_argument("--checkpoint-every", type=int, help="save a resumable checkpoint every N steps")
+    p.add_argument(
+        "--validation-images",
+        type=int,
+        help="hold out N pictures (the same ones every run) and score them at each checkpoint and the end (0: off)",
+    )
+    p.add_argument("--validation-dir", help="score the pictures of this folder instead (not trained on)")
+    p.add_argument(
+        "--log-with",
+        choices=["tensorboard"],
+        help="also log the losses to RUN_DIR/tensorboard (needs: pip install 'lora-style-studio[tensorboard]')",
+    )
     p.add_argument("--sample-prompt", action="append", help="prompt rendered at each checkpoint (repeatable)")
     p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"])
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "prodigy"])
@@ -124,6 +138,7 @@ def build_train_config(args: argparse.Namespace):
 def _run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from training import metrics
     from training.trainer import Trainer, TrainingCancelled, end_distributed, launched_rank
 
     config = build_train_config(args)
@@ -171,6 +186,14 @@ def _run_train(args: argparse.Namespace) -> int:
     if main_process:
         loss = result.losses[-1]
         print(f"wrote {result.output} ({result.steps} steps, final loss {loss:.4f}, {result.seconds:.0f}s)")
+        records = metrics.read_metrics(trainer.work_dir)
+        print(f"losses by step: {trainer.work_dir / metrics.METRICS_FILE}")
+        best = metrics.best_summary(records, trainer.work_dir, result.output)
+        if best:
+            print(best)
+        warning = metrics.overtraining_warning(records)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

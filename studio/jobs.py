@@ -14,6 +14,7 @@ from pathlib import Path
 
 from studio import atomic
 from training.config import TrainConfig
+from training.metrics import METRICS_FILE
 from training.trainer import Trainer, TrainingCancelled, TrainProgress
 
 logger = logging.getLogger(__name__)
@@ -259,6 +260,7 @@ class JobRunner:
             job = TrainingJob(name=name, config=config, run_dir=Path(run_dir or config.resolved_work_dir))
             for stale in ("checkpoints", "samples"):  # a new run under an old name starts clean
                 shutil.rmtree(job.run_dir / stale, ignore_errors=True)
+            (job.run_dir / METRICS_FILE).unlink(missing_ok=True)  # its losses and best checkpoint too
             job.run_dir.mkdir(parents=True, exist_ok=True)
             config.save(job.run_dir / "config.toml")
             job.save()

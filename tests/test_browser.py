@@ -16,6 +16,7 @@ import pytest
 
 from studio.models import DEMO_MODEL_DIR
 from tests.helpers import write_style_images
+from training.metrics import read_metrics
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -196,6 +197,7 @@ def test_the_whole_studio_in_a_browser(page, server, uploads, tmp_path):
     _fill(page, "#train-batch", 1)
     _fill(page, "#train-resolution", 64)
     _fill(page, "#train-ckpt", 6)
+    _fill(page, "#train-validation-images", 2)  # held out, scored at the checkpoint and the end
     _fill(page, "#train-samples", "inkstyle style, a circle")
     expect(page.locator("#train-plan")).to_contain_text("12 total steps", timeout=60_000)
     expect(page.locator("#train-plan")).to_contain_text("trainable parameters")
@@ -207,6 +209,11 @@ def test_the_whole_studio_in_a_browser(page, server, uploads, tmp_path):
     expect(page.locator("#train-progress")).to_contain_text("(100%)", timeout=150_000)
     expect(page.locator("#train-progress")).to_contain_text("done")
     expect(page.locator("#train-loss canvas, #train-loss svg").first).to_be_visible()
+    for series in ("train", "validation", "best checkpoint"):  # both losses drawn, and a line at the best checkpoint
+        line = f"#train-loss svg path[aria-roledescription='line mark'][aria-label*='series: {series}'][d]"
+        expect(page.locator(line).first).to_be_attached()
+    expect(page.locator("#train-progress")).to_contain_text("Best checkpoint by validation loss")
+    assert len([r for r in read_metrics(workspace / "runs" / "inky") if "val_loss" in r]) == 2  # step 6 and the end
     expect(page.locator("#train-samples-gallery img").first).to_be_visible()
     _choose(page, "#train-dataset", "inky")  # the form is per page; show the plan again for the screenshot
     expect(page.locator("#train-plan")).to_contain_text("total steps")

@@ -110,3 +110,30 @@ def test_every_unet_target_preset_is_a_targets_choice():
     for targets in UNET_TARGET_PRESETS:
         args = build_parser().parse_args(["train", "--targets", targets])
         assert build_train_config(args).unet_targets == targets
+
+
+def test_train_holds_out_validation_images_and_prints_the_best_checkpoint(tiny_model_dir, tmp_path, capsys):
+    data = write_style_images(tmp_path / "data", count=4)
+    out = tmp_path / "adapters" / "held.safetensors"
+    argv = ["train", "--base", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--preset", "quick"]
+    argv += ["--steps", "4", "--checkpoint-every", "2", "--validation-images", "1", "--resolution", "64", "--rank", "2"]
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "3 image(s) kept, 1 file(s) skipped" in printed and "img_02.png: held out" in printed
+    assert "validation loss" in printed and "best checkpoint by validation loss: " in printed
+    assert str(tmp_path / "adapters" / "held_run" / "metrics.jsonl") in printed
+    assert read_adapter(out).metadata["ss_num_train_images"] == "3"
+
+
+def test_tensorboard_logging_names_the_extra_when_it_is_not_installed(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
+    data = write_style_images(tmp_path / "data", count=2)
+    out = tmp_path / "x.safetensors"
+    argv = ["train", "--base", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--log-with", "tensorboard"]
+    assert main(argv) == 2
+    assert "pip install 'lora-style-studio[tensorboard]'" in capsys.readouterr().err
+    assert not out.exists()
+    args = build_parser().parse_args(["train", "--log-with", "tensorboard", "--validation-dir", "held"])
+    assert (build_train_config(args).log_with, build_train_config(args).validation_dir) == ("tensorboard", "held")

@@ -31,6 +31,8 @@ def test_defaults_are_valid_and_round_trip_through_toml(tmp_path):
         ("mixed_precision", "fp8"),
         ("rank", "8"),
         ("train_text_encoder", "yes"),
+        ("validation_images", -1),
+        ("log_with", "wandb"),
     ],
 )
 def test_bad_value_raises_value_error_naming_it(field, value):

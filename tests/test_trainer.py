@@ -3,16 +3,20 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from studio.adapters import read_adapter
-from studio.models import load_base
+from studio.models import DEMO_MODEL_DIR, load_base
 from tests.helpers import write_style_images
 from training.config import TrainConfig
-from training.data import image_to_tensor, open_image
+from training.data import image_to_tensor, open_image, scan_dataset
+from training.metrics import adapter_of, best_record, overtraining_warning, read_metrics, rises
 from training.trainer import Trainer, TrainingCancelled, train
+from training.validation import hold_out
 
 
 def _config(model_dir, data_dir, out: Path, **overrides) -> TrainConfig:
@@ -108,6 +112,8 @@ def test_resume_continues_where_it_stopped_and_ends_like_an_uninterrupted_run(ti
         resume_from=config.resolved_work_dir
     )
     assert resumed_steps == [5, 6]
+    # metrics.jsonl goes on from the checkpoint: the stop's checkpoint at step 4, then the end
+    assert [r["step"] for r in read_metrics(config.resolved_work_dir)] == [3, 4, 6]
     assert resumed.losses[:4] == pytest.approx(straight.losses[:4], abs=1e-6)
     a, b = read_adapter(straight.output).tensors, read_adapter(resumed.output).tensors
     assert a.keys() == b.keys()
@@ -345,3 +351,107 @@ def test_output_preservation_options_are_validated(tmp_path):
 def test_caption_dropout_rate_is_validated():
     with pytest.raises(ValueError, match="caption_dropout_rate"):
         TrainConfig(caption_dropout_rate=1.0)
+
+
+def test_validation_loss_is_the_same_every_run_written_at_every_checkpoint_and_names_the_best(tiny_model_dir, tmp_path):
+    data = write_style_images(tmp_path / "data", count=4)
+    held = write_style_images(tmp_path / "held", count=2, seed=9)
+    common = dict(checkpoint_every_steps=2, keep_checkpoints=1, validation_dir=str(held))
+    runs = [train(_config(tiny_model_dir, data, tmp_path / name / "lora.safetensors", **common)) for name in "ab"]
+    assert runs[0].validation_losses == runs[1].validation_losses  # fixed noise and timesteps: the same numbers
+    records = read_metrics(tmp_path / "a" / "lora_run")
+    assert [(r["step"], r["checkpoint"]) for r in records] == [(2, "step-000002"), (4, "step-000004"), (6, "final")]
+    assert [(r["step"], r["val_loss"]) for r in records] == runs[0].validation_losses
+    assert all(isinstance(r["train_loss"], float) for r in records)
+    best = min(records, key=lambda r: r["val_loss"])
+    assert runs[0].best_checkpoint == adapter_of(best, tmp_path / "a" / "lora_run", runs[0].output)
+    assert runs[0].best_checkpoint.is_file(), "the best checkpoint outlives keep_checkpoints"
+    # scoring held-out pictures draws nothing from the training's random numbers: the same run without it
+    plain = train(_config(tiny_model_dir, data, tmp_path / "c" / "lora.safetensors", checkpoint_every_steps=2))
+    assert plain.losses == runs[0].losses and plain.validation_losses == []
+    assert [r["step"] for r in read_metrics(tmp_path / "c" / "lora_run")] == [2, 4, 6]
+
+
+def test_validation_images_are_held_out_the_same_way_every_time(tmp_path):
+    data = write_style_images(tmp_path / "data", count=7)
+    report = scan_dataset(data, "sks", "sks style")
+    kept, held = hold_out(report, 3)
+    assert [i.path.name for i in held] == ["img_01.png", "img_03.png", "img_05.png"]  # spread over the folder
+    assert hold_out(report, 3)[1] == held and len(kept.items) == 4 and not set(kept.items) & set(held)
+    assert "img_03.png: held out" in kept.summary()
+    with pytest.raises(ValueError, match="at least one picture to train on"):
+        hold_out(report, 7)
+    with pytest.raises(ValueError, match="validation_images and validation_dir"):
+        TrainConfig(validation_images=2, validation_dir=str(data))
+
+
+def test_overtraining_is_a_validation_loss_that_keeps_rising():
+    def records(*losses):
+        return [{"step": 10 * i, "val_loss": v, "checkpoint": f"step-{10 * i:06d}"} for i, v in enumerate(losses, 1)]
+
+    assert rises(records(0.5, 0.4, 0.3)) == 0 and not overtraining_warning(records(0.5, 0.4, 0.3))
+    assert rises(records(0.5, 0.3, 0.4, 0.45)) == 2 and not overtraining_warning(records(0.5, 0.3, 0.4, 0.45))
+    warning = overtraining_warning(records(0.5, 0.3, 0.4, 0.45, 0.5))
+    assert "risen 3 times in a row" in warning and "step-000020 (step 20)" in warning
+    assert best_record(records(0.5, 0.3, 0.3))["step"] == 20  # the earliest of equals
+    assert best_record([{"step": 5, "train_loss": 1.0}]) is None
+
+
+@pytest.mark.skipif(not (DEMO_MODEL_DIR / "model_index.json").is_file(), reason="needs the bundled demo model")
+def test_a_deliberately_overtrained_run_warns_and_keeps_its_best_checkpoint(tmp_path):
+    # the demo model draws the held-out shapes well; trained hard on two checkerboards, at ten times the style
+    # preset's learning rate, it draws them worse at every checkpoint
+    data = write_style_images(tmp_path / "data", count=2)
+    board = ((np.indices((64, 64)).sum(0) // 2) % 2 * 255).astype(np.uint8)
+    for path in data.glob("*.png"):
+        Image.fromarray(np.stack([board, 255 - board, board], -1)).save(path)
+    held = write_style_images(tmp_path / "held", count=2, seed=7)
+    config = _config(
+        "demo",
+        data,
+        tmp_path / "out" / "board.safetensors",
+        validation_dir=str(held),
+        unet_targets="attn",
+        train_text_encoder=False,
+        batch_size=1,
+        max_train_steps=30,
+        checkpoint_every_steps=6,
+        keep_checkpoints=1,
+    )
+    events = []
+    result = train(config, progress=events.append)
+    losses = [loss for _, loss in result.validation_losses]
+    assert [step for step, _ in result.validation_losses] == [6, 12, 18, 24, 30]
+    assert all(later > earlier for earlier, later in zip(losses[:-1], losses[1:], strict=True)), losses
+    warned = [e.step for e in events if e.phase == "checkpoint" and "over-training" in e.message]
+    assert warned == [24], "the fourth checkpoint is the third rise in a row"
+    run_dir = config.resolved_work_dir
+    assert "risen 4 times in a row" in overtraining_warning(read_metrics(run_dir))
+    assert result.best_checkpoint == run_dir / "checkpoints" / "step-000006" / "adapter.safetensors"
+    assert result.best_checkpoint.is_file() and (run_dir / "checkpoints" / "step-000024").is_dir()
+
+
+def test_tensorboard_gets_the_training_and_validation_losses(tiny_model_dir, tmp_path):
+    pytest.importorskip("tensorboard", reason="the optional [tensorboard] extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = write_style_images(tmp_path / "data", count=3)
+    config = _config(
+        tiny_model_dir,
+        data,
+        tmp_path / "lora.safetensors",
+        validation_images=1,
+        checkpoint_every_steps=2,
+        max_train_steps=4,
+        log_with="tensorboard",
+        sample_prompts=["sks, a circle", "sks, a square"],  # a list option, which trackers do not take as is
+    )
+    result = train(config)
+    events = sorted((config.resolved_work_dir / "tensorboard").glob("events.*"))
+    assert len(events) == 1
+    logged = EventAccumulator(str(events[0]))
+    logged.Reload()
+    scalars = logged.Scalars("val_loss")
+    assert [s.step for s in scalars] == [step for step, _ in result.validation_losses] == [2, 4]
+    assert [s.value for s in scalars] == pytest.approx([loss for _, loss in result.validation_losses])
+    assert [s.step for s in logged.Scalars("train_loss")] == [2, 4]

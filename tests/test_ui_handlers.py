@@ -241,7 +241,7 @@ def test_training_runs_in_the_background_and_survives_a_restart(studio):
     assert job.status == "done", job.error
     html, losses, samples, table = train_tab.job_view(runner, None)
     assert "step 3/3 (100%)" in html and "Saved adapter" in html
-    assert list(losses["step"]) == [1, 2, 3]
+    assert list(losses.dropna()["step"]) == [1, 2, 3] and set(losses.dropna()["series"]) == {"train"}
     assert any("step-000002" in s for s in samples) and any("final" in s for s in samples)
     assert table[0][:2] == ["inky", "done"]
     assert workspace.list_adapters() == ["inky"]
@@ -250,6 +250,36 @@ def test_training_runs_in_the_background_and_survives_a_restart(studio):
     assert record["status"] == "done" and len(record["losses"]) == 3 and Path(record["config_path"]).is_file()
     again = JobRunner(workspace)  # a server restart
     assert again.get("inky").status == "done" and again.get("inky").losses == job.losses
+
+
+def test_the_loss_plot_shows_validation_marks_the_best_checkpoint_and_warns_of_overtraining(tmp_path):
+    from training.config import TrainConfig
+
+    config = TrainConfig(output=str(tmp_path / "adapters" / "ink.safetensors"), validation_images=2)
+    job = TrainingJob(name="ink", config=config, run_dir=tmp_path / "run", status="done")
+    job.losses = [(step, 1.0 / step) for step in range(1, 11)]
+    job.run_dir.mkdir()
+    frame = train_tab.loss_frame(job)  # every series from the start, empty until it has data
+    assert set(frame["series"]) == set(train_tab.SERIES_COLORS) and set(frame.dropna()["series"]) == {"train"}
+    assert "Best checkpoint" not in train_tab.progress_html(job)
+    records = [
+        {"step": 2 * i, "train_loss": 0.5, "val_loss": v, "checkpoint": f"step-{2 * i:06d}"}
+        for i, v in enumerate([0.3, 0.2, 0.25, 0.3], 1)
+    ]
+    (job.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:3]))
+    frame = train_tab.loss_frame(job)
+    assert list(frame[frame.series == "validation"]["step"]) == [2, 4, 6]
+    assert list(frame[frame.series == "best checkpoint"]["step"]) == [4, 4]  # a vertical line at the best
+    html = train_tab.progress_html(job)
+    assert "Best checkpoint by validation loss: <b>step-000004</b> (step 4, 0.2000)" in html
+    assert "over-training" not in html
+    (job.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 9, "tr')
+    html = train_tab.progress_html(job)  # a half-written last line (a killed run) is skipped
+    assert "train-overtraining" not in html, "two rises are not yet over-training"
+    records.append({"step": 10, "train_loss": 0.5, "val_loss": 0.4, "checkpoint": "final"})
+    (job.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    html = train_tab.progress_html(job)
+    assert "validation loss has risen 3 times in a row" in html and "the best checkpoint is step-000004" in html
 
 
 def test_an_interrupted_job_is_shown_and_resumes(tmp_path, tiny_model_dir):

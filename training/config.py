@@ -26,6 +26,7 @@ LR_SCHEDULERS = (
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 PRESERVATION_PROMPTS = ("caption", "blank")
+TRACKERS = ("", "tensorboard")  # accelerate's trackers the run may also log to ("": metrics.jsonl only)
 
 
 @dataclass
@@ -107,6 +108,11 @@ class TrainConfig:
     sample_cfg: float = 7.0
     sample_seed: int = 0
     save_dtype: str = "fp16"
+    # when to stop: a validation loss on held-out pictures at fixed noise and timesteps, at every checkpoint and at
+    # the end, written with the training loss to RUN_DIR/metrics.jsonl (kohya's validation split, ai-toolkit's)
+    validation_images: int = 0  # hold out this many pictures of the data folder, the same ones every run (0: none)
+    validation_dir: str = ""  # or score the pictures of this folder (not trained on)
+    log_with: str = ""  # "tensorboard": also log the losses through accelerate's trackers to RUN_DIR/tensorboard
 
     def __post_init__(self):
         self._coerce_types()
@@ -204,6 +210,10 @@ class TrainConfig:
         need(self.sample_steps >= 1, "sample_steps", "must be at least 1")
         need(self.sample_cfg >= 1, "sample_cfg", "must be at least 1")
         need(self.save_dtype in SAVE_DTYPES, "save_dtype", f"must be one of {list(SAVE_DTYPES)}")
+        need(self.validation_images >= 0, "validation_images", "must be zero (none) or positive")
+        if self.validation_images and self.validation_dir.strip():
+            raise ValueError("validation_images and validation_dir are both set: hold pictures out or give a folder")
+        need(self.log_with in TRACKERS, "log_with", f"must be one of {list(TRACKERS)}")
         need(" " not in self.trigger.strip(), "trigger", "must be a single word")
         if self.output and not self.output.endswith(".safetensors"):
             raise ValueError(f"output must be a .safetensors file, got {self.output!r}")

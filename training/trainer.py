@@ -23,8 +23,10 @@ from studio import atomic, sidecars
 from studio.adapters import kohya_state_dict, save_adapter, training_metadata
 from studio.conditioning import PromptEmbeddings, check_clip_skip, encode_prompts, prompt_arguments
 from studio.models import BaseModel, load_base
+from training import metrics
 from training.config import TrainConfig
 from training.data import (
+    DatasetItem,
     DatasetReport,
     Sample,
     assign_bucket,
@@ -47,6 +49,7 @@ from training.lora import (
     lora_state,
     used_text_encoder_layers,
 )
+from training.validation import build_validation_set, evaluating, hold_out, validation_loss
 
 logger = logging.getLogger(__name__)
 STATE_FORMAT = 1
@@ -63,6 +66,7 @@ RESUME_INVARIANTS = (
     "gradient_accumulation_steps",
     "optimizer",
     "ema_decay",
+    "validation_images",
 )
 
 
@@ -125,6 +129,8 @@ class TrainResult:
     total_parameters: int
     module_counts: dict[str, int]
     seconds: float
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) at checkpoints and end
+    best_checkpoint: Path | None = None  # the adapter file with the lowest validation loss
 
 
 ProgressCallback = Callable[[TrainProgress], None]
@@ -167,10 +173,11 @@ def launched_rank() -> int:
     return get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0)
 
 
-def make_accelerator(mixed_precision: str):
-    """The Accelerator of this process: DDP over NCCL on GPUs, or over gloo on CPUs when launched with N processes."""
+def make_accelerator(mixed_precision: str, log_with: str = "", logging_dir: Path | None = None):
+    """The Accelerator of this process: DDP over NCCL on GPUs, or over gloo on CPUs when launched with N processes;
+    `log_with` names accelerate's tracker (TensorBoard) that writes under `logging_dir`."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, get_int_from_env
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, get_int_from_env
 
     world = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
     if world == 1:
@@ -183,7 +190,11 @@ def make_accelerator(mixed_precision: str):
     cpu = world > 1 and not torch.cuda.is_available()
     # rank 0 alone renders class images and samples while the others wait at a barrier: give it hours, not minutes
     init = InitProcessGroupKwargs(timeout=timedelta(hours=3))
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=[init])
+    trackers = {}
+    if log_with:
+        metrics.check_tracker(log_with)
+        trackers = {"log_with": log_with, "project_config": ProjectConfiguration(logging_dir=str(logging_dir))}
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=[init], **trackers)
 
 
 def end_distributed() -> None:
@@ -231,14 +242,23 @@ class Trainer:
         self.num_processes = 1
         self._trained: list[torch.nn.Parameter] = []  # the adapter weights the optimizer trains (set by run)
         self._ema = None  # their moving average (diffusers' EMAModel), when the config asks for one
+        self.validation_items: list[DatasetItem] = []  # the pictures of the validation loss (set by scan)
+        self._validation = None  # their latents, noise and timesteps (main process, set by run)
+        self._metrics: metrics.MetricsLog | None = None
 
     # ----------------------------------------------------------------- planning
     def scan(self) -> DatasetReport:
-        """Validate the data folder; raise if nothing is usable."""
+        """Validate the data folder (less held-out pictures) and any validation folder; raise if nothing is usable."""
         cfg = self.config
         report = scan_dataset(cfg.data_dir, cfg.trigger, cfg.instance_prompt)
         if not report.items:
             raise ValueError(f"no usable training images in {cfg.data_dir}\n{report.summary()}")
+        report, self.validation_items = hold_out(report, cfg.validation_images)
+        if cfg.validation_dir.strip():
+            held = scan_dataset(cfg.validation_dir, cfg.trigger, cfg.instance_prompt)
+            if not held.items:
+                raise ValueError(f"no usable validation images in {cfg.validation_dir}\n{held.summary()}")
+            self.validation_items = held.items
         return report
 
     def plan(self, report: DatasetReport, num_batches: int | None = None) -> TrainPlan:
@@ -307,7 +327,7 @@ class Trainer:
 
         probe_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         precision = resolve_mixed_precision(cfg.mixed_precision, probe_device)
-        accelerator = make_accelerator(precision)
+        accelerator = make_accelerator(precision, cfg.log_with, self.work_dir)
         self.is_main_process, self.num_processes = accelerator.is_main_process, accelerator.num_processes
         rank, world = accelerator.process_index, accelerator.num_processes
         with accelerator.main_process_first():  # rank 0 tidies half-written checkpoints before the others look
@@ -423,6 +443,25 @@ class Trainer:
         )
         if latent_cache is not None:
             self._fill_latent_cache(samples, sources, vae, latent_cache, device, weight_dtype)
+        self._noise_scheduler, self._weight_dtype, self._validation = noise_scheduler, weight_dtype, None
+        if self.validation_items and accelerator.is_main_process:
+            self._emit("caching", message=f"encoding {len(self.validation_items)} validation picture(s)")
+            self._validation = build_validation_set(
+                self.validation_items,
+                self._buckets,
+                vae,
+                noise_scheduler.config.num_train_timesteps,
+                sdxl=family.is_sdxl,
+                device=device,
+                dtype=weight_dtype,
+            )
+        self._metrics = metrics.MetricsLog(
+            self.work_dir,
+            resume_step=global_step if resume_state is not None else None,
+            accelerator=accelerator if cfg.log_with else None,
+            write=accelerator.is_main_process,
+            config=cfg.to_dict(),
+        )
 
         unet.train()
         for te in trained_tes:
@@ -571,7 +610,10 @@ class Trainer:
                     )
                 )
             if stop:
+                self._metrics.close()
                 raise TrainingCancelled(f"training stopped at step {global_step}; resume from {self.work_dir}")
+            if global_step < plan.total_steps:
+                self._metrics.train_step(global_step, losses)
 
         accelerator.wait_for_everyone()
         output = Path(cfg.output)
@@ -588,8 +630,13 @@ class Trainer:
                 except (OSError, ValueError) as exc:
                     logger.warning("wrote %s but not its A1111 sidecar: %s", output, exc)
                 final_samples = self._samples(base, unet, trained_tes, output.with_name(output.stem + "_samples"))
+                final_loss = self._validation_loss(base, unet, trained_tes, accelerator)
+            self._metrics.record(global_step, losses, final_loss, checkpoint=metrics.FINAL)
+        self._metrics.close()
         accelerator.wait_for_everyone()  # the others return only once the adapter is on disk
         seconds = time.time() - started
+        records = self._metrics.records
+        best = metrics.best_record(records)  # the adapter to use when the last steps over-trained
         self._emit(
             "done",
             step=global_step,
@@ -610,9 +657,32 @@ class Trainer:
             total_parameters=total,
             module_counts=module_counts,
             seconds=seconds,
+            validation_losses=metrics.validation_losses(records),
+            best_checkpoint=metrics.adapter_of(best, self.work_dir, output) if best else None,
         )
 
     # ----------------------------------------------------------------- helpers
+    def _validation_loss(self, base, unet, trained_tes, accelerator) -> float | None:
+        """The validation loss of the weights as they are saved (the average, with an EMA); None without pictures."""
+        if self._validation is None:
+            return None
+        device = accelerator.device
+        models = [accelerator.unwrap_model(m) for m in (unet, *trained_tes)]
+
+        def encode(captions: list[str]) -> PromptEmbeddings:
+            return self._encode_text(base.family, captions, base.tokenizers, base.text_encoders, device)
+
+        with evaluating(models):
+            return validation_loss(
+                self._validation,
+                models[0],
+                encode,
+                self._noise_scheduler,
+                device=device,
+                dtype=self._weight_dtype,
+                autocast=accelerator.autocast,
+            )
+
     @contextlib.contextmanager
     def _averaged_weights(self) -> Iterator[None]:
         """With an EMA, swap the averaged adapter weights in (to save and sample), and the trained ones back after."""
@@ -666,6 +736,7 @@ class Trainer:
             )
         else:
             buckets = [(self.resolution, self.resolution)]
+        self._buckets = buckets
         samples: list[Sample] = []
         source_of: list[int] = []
         for _ in range(cfg.repeats):
@@ -953,6 +1024,7 @@ class Trainer:
                 )
                 save_adapter(tmp / "adapter.safetensors", tensors, metadata, dtype=cfg.save_dtype)
                 self._samples(base, unet, trained_tes, tmp / "samples")
+                val_loss = self._validation_loss(base, unet, trained_tes, accelerator)
             state = {
                 "format": STATE_FORMAT,
                 "global_step": global_step,
@@ -972,16 +1044,20 @@ class Trainer:
             torch.save(state, tmp / "state.pt")
             cfg.save(tmp / "config.toml")
         samples = sorted((target / "samples").glob("*.png")) if (target / "samples").is_dir() else []
+        self._metrics.record(global_step, losses, val_loss, checkpoint=target.name)
+        scored = f"; validation loss {val_loss:.4f}" if val_loss is not None else ""
+        warning = metrics.overtraining_warning(self._metrics.records)
         self._emit(
             "checkpoint",
             step=global_step,
             total_steps=plan.total_steps,
-            message=f"saved {target}",
+            message=f"saved {target}{scored}" + (f"\nwarning: {warning}" if warning else ""),
             samples=samples,
             started=started,
         )
+        best = metrics.best_record(self._metrics.records)  # kept however old, with the newest keep_checkpoints
         old = sorted((self.work_dir / "checkpoints").glob("step-*"))[: -cfg.keep_checkpoints]
-        for folder in old:
+        for folder in (f for f in old if best is None or f.name != best["checkpoint"]):
             shutil.rmtree(folder, ignore_errors=True)
         return target
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from studio.conditioning import MAX_CLIP_SKIP
 from studio.jobs import JobRunner, TrainingJob
 from studio.library import Workspace, safe_name
 from studio.ui.common import ModelCache, real_number, reports_errors, whole_number
+from training import metrics
 from training.config import PRESETS, TrainConfig
 from training.estimate import Device, describe_plan
 
@@ -40,8 +42,11 @@ FIELDS = (
     "ema",
     "seed",
     "checkpoint_every",
+    "validation_images",
     "sample_prompts",
 )
+# The loss plot's series and their colours
+SERIES_COLORS = {"train": "#4c78a8", "validation": "#f58518", "best checkpoint": "#54a24b"}
 # What each UNet target preset adapts, as the tab lists them
 UNET_TARGET_LABELS = {
     "cross_attn": "cross-attention",
@@ -89,6 +94,7 @@ def default_values(base: str = "demo", **overrides: Any) -> dict[str, Any]:
         "class_images": 0,
         "seed": 0,
         "checkpoint_every": 0,
+        "validation_images": 0,
         "sample_prompts": "",
     }
     unknown = set(overrides) - set(values)
@@ -148,6 +154,7 @@ def build_config(workspace: Workspace, base: str, *args: Any, prediction_type: s
         ema_decay=real_number(v["ema"], "EMA decay", 0, 0.9999),
         seed=whole_number(v["seed"], "seed", 0),
         checkpoint_every_steps=every,
+        validation_images=whole_number(v["validation_images"], "validation images", 0),
         sample_prompts=prompts,
     )
 
@@ -224,8 +231,42 @@ def progress_html(job: TrainingJob | None, runner: JobRunner | None = None) -> s
     done = f"<p>Saved adapter <code>{html.escape(job.output.name)}</code>.</p>" if job.status == "done" else ""
     return (
         f"<div id='train-progress'><progress max='100' value='{percent:.1f}' style='width:100%'></progress>"
-        f"<p>{text}</p>{error}{done}</div>"
+        f"<p>{text}</p>{error}{done}{validation_html(metrics.read_metrics(job.run_dir))}</div>"
     )
+
+
+def validation_html(records: list[dict]) -> str:
+    """The best checkpoint by validation loss and any over-training warning, from a run's metrics records."""
+    best = metrics.best_record(records)
+    if best is None:
+        return ""
+    name = "the final adapter" if best["checkpoint"] == metrics.FINAL else best["checkpoint"]
+    text = f"<p id='train-best'>Best checkpoint by validation loss: <b>{html.escape(name)}</b>"
+    text += f" (step {best['step']}, {best['val_loss']:.4f})</p>"
+    warning = metrics.overtraining_warning(records)
+    if warning:
+        text += f"<p class='train-warning' id='train-overtraining'>&#9888; {html.escape(warning)}</p>"
+    return text
+
+
+def loss_frame(job: TrainingJob | None):
+    """The loss plot's data: training loss per step, validation loss per checkpoint, a line at the best one.
+
+    Every series has a row from the start (an empty one, loss NaN, until it has data): the browser keeps the
+    series of the plot's first value, and would never draw one that appeared later."""
+    import pandas as pd
+
+    losses = job.losses if job else []
+    rows = [(step, loss, "train") for step, loss in losses]
+    records = metrics.read_metrics(job.run_dir) if job else []
+    rows += [(step, loss, "validation") for step, loss in metrics.validation_losses(records)]
+    best = metrics.best_record(records)
+    if best is not None:  # a vertical line across the plotted range at the best checkpoint's step
+        values = [loss for _, loss, _ in rows]
+        rows += [(best["step"], min(values), "best checkpoint"), (best["step"], max(values), "best checkpoint")]
+    first = rows[0][0] if rows else 0
+    rows += [(first, math.nan, series) for series in SERIES_COLORS if series not in {row[2] for row in rows}]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
 
 def jobs_table(runner: JobRunner) -> list[list[Any]]:
@@ -239,14 +280,10 @@ def jobs_table(runner: JobRunner) -> list[list[Any]]:
 
 def job_view(runner: JobRunner, name: str | None) -> tuple:
     """(progress HTML, loss data, sample images, jobs table) for the chosen job (default: the current one)."""
-    import pandas as pd
-
     job = runner.jobs.get(name) if name else None
     job = job or runner.current
-    losses = job.losses if job else []
-    frame = pd.DataFrame({"step": [s for s, _ in losses], "loss": [v for _, v in losses]})
     samples = [p for p in (job.samples if job else []) if Path(p).is_file()]
-    return progress_html(job, runner), frame, samples, jobs_table(runner)
+    return progress_html(job, runner), loss_frame(job), samples, jobs_table(runner)
 
 
 def build(runner: JobRunner, workspace: Workspace, models: ModelCache, base_box: gr.Textbox) -> dict:
@@ -289,6 +326,13 @@ def build(runner: JobRunner, workspace: Workspace, models: ModelCache, base_box:
         c["checkpoint_every"] = gr.Number(
             label="Checkpoint every N steps (0: off)", value=d["checkpoint_every"], precision=0, elem_id="train-ckpt"
         )
+        c["validation_images"] = gr.Number(
+            label="Validation images (held out; loss at each checkpoint; 0: off)",
+            value=d["validation_images"],
+            precision=0,
+            minimum=0,
+            elem_id="train-validation-images",
+        )
     with gr.Row():
         c["prior"] = gr.Checkbox(label="Prior preservation", value=d["prior"])
         c["class_prompt"] = gr.Textbox(label="Class prompt", placeholder="a painting")
@@ -330,7 +374,15 @@ def build(runner: JobRunner, workspace: Workspace, models: ModelCache, base_box:
     message = gr.Markdown(elem_id="train-message")
     progress = gr.HTML(progress_html(runner.current, runner), elem_id="train-progress-box")
     with gr.Row():
-        loss_plot = gr.LinePlot(x="step", y="loss", label="Loss", height=260, elem_id="train-loss")
+        loss_plot = gr.LinePlot(
+            x="step",
+            y="loss",
+            color="series",
+            color_map=SERIES_COLORS,
+            label="Loss: training (blue), validation at checkpoints (orange), best checkpoint (green line)",
+            height=260,
+            elem_id="train-loss",
+        )
         samples = gr.Gallery(
             fit_columns=False,
             object_fit="contain",
