@@ -122,7 +122,9 @@ def test_two_processes_train_what_one_process_trains_on_the_same_global_batch_an
     assert files == sorted(
         [
             "style.safetensors",
+            "style.json",  # A1111's sidecar
             "style_samples/sample_00.png",
+            "style_run/metrics.jsonl",
             "style_run/checkpoints/step-000002/adapter.safetensors",
             "style_run/checkpoints/step-000002/config.toml",
             "style_run/checkpoints/step-000002/samples/sample_00.png",

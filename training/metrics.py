@@ -129,8 +129,8 @@ class MetricsLog:
         self.records.append(record)
         self._last_step = step
         if self.write:
-            with open(self.path, "a", encoding="utf-8") as file:
-                file.write(json.dumps(record) + "\n")
+            # the whole file again (a few hundred short lines at most), atomically: never half a line
+            atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
             if self._accelerator is not None:
                 values = {k: record[k] for k in ("train_loss", "val_loss") if record.get(k) is not None}
                 self._accelerator.log(values, step=step)
