@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,12 +46,12 @@ print(json.dumps({{"losses": result.losses}}))
 """
 
 
-def run_ours(python: str, steps: int, folder: Path) -> tuple[float, list[float]]:
+def run_ours(python: str, steps: int, folder: Path, data: Path) -> tuple[float, list[float]]:
     """Seconds of one whole run of our trainer (a fresh process) and its per-step losses."""
     code = OURS.format(
         root=str(ROOT),
         model=str(ROOT / "sample_data" / "demo_model"),
-        data=str(INK),
+        data=str(data),
         out=str(folder / "ours.safetensors"),
         steps=steps,
         **SETTINGS,
@@ -63,13 +64,13 @@ def run_ours(python: str, steps: int, folder: Path) -> tuple[float, list[float]]
     return seconds, json.loads(done.stdout.strip().splitlines()[-1])["losses"]
 
 
-def run_theirs(python: str, script: str, steps: int, folder: Path) -> tuple[float, list[float]]:
+def run_theirs(python: str, script: str, steps: int, folder: Path, data: Path) -> tuple[float, list[float]]:
     """Seconds of one whole run of diffusers' script (a fresh process) and its per-step losses (from its progress)."""
     command = [
         python,
         script,
         f"--pretrained_model_name_or_path={ROOT / 'sample_data' / 'demo_model'}",
-        f"--instance_data_dir={INK}",
+        f"--instance_data_dir={data}",
         "--instance_prompt=sks style",
         f"--output_dir={folder / 'theirs'}",
         f"--resolution={SETTINGS['resolution']}",
@@ -106,15 +107,21 @@ def main() -> None:
     seconds = {"ours": {short: [], long: []}, "theirs": {short: [], long: []}}
     losses: dict[str, list[float]] = {"ours": [], "theirs": []}
     with tempfile.TemporaryDirectory() as tmp:
+        # the pictures alone: diffusers' script opens every file of its folder as an image (so both trainers train on
+        # the one prompt "sks style", ours for want of captions)
+        data = Path(tmp) / "images"
+        data.mkdir()
+        for picture in sorted(INK.glob("*.png")):
+            shutil.copyfile(picture, data / picture.name)
         for round_index in range(args.rounds):
             order = ["ours", "theirs"] if round_index % 2 == 0 else ["theirs", "ours"]
             for steps in (short, long):
                 for who in order:
                     folder = Path(tempfile.mkdtemp(dir=tmp))
                     if who == "ours":
-                        took, run_losses = run_ours(args.python, steps, folder)
+                        took, run_losses = run_ours(args.python, steps, folder, data)
                     else:
-                        took, run_losses = run_theirs(args.python, args.script, steps, folder)
+                        took, run_losses = run_theirs(args.python, args.script, steps, folder, data)
                     seconds[who][steps].append(took)
                     if steps == long:
                         losses[who].extend(run_losses[-100:])

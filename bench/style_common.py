@@ -145,11 +145,19 @@ def base_with_adapter(path: Path, weight: float = 1.0) -> tuple[BaseModel, Adapt
 TIMESTEP_BANDS = ((0, 100), (100, 300), (300, 500), (500, 700), (700, 1000))
 
 
-def band_losses(base: BaseModel, images: np.ndarray, prompts: list[str], per_band: int = 4, seed: int = 0) -> dict:
+def band_losses(
+    base: BaseModel,
+    images: np.ndarray,
+    prompts: list[str],
+    per_band: int = 4,
+    seed: int = 0,
+    regions: np.ndarray | None = None,
+) -> dict:
     """Mean epsilon-prediction error per timestep band on `images` under `prompts`, at fixed noise and timesteps.
 
     Each band is sampled at `per_band` evenly spaced timesteps with the same noise per picture, so two models (the
-    base, the base with an adapter) are compared on exactly the same inputs."""
+    base, the base with an adapter) are compared on exactly the same inputs. `regions` (N x h x w weights on the
+    latent grid) restricts the error to part of each picture, such as the inside of its shape."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
@@ -165,6 +173,7 @@ def band_losses(base: BaseModel, images: np.ndarray, prompts: list[str], per_ban
         hidden = pipe.text_encoder(ids)[0]
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(latents.shape, generator=generator)
+        weights = None if regions is None else torch.from_numpy(np.asarray(regions, np.float32))[:, None]
         out = {}
         for low, high in TIMESTEP_BANDS:
             errors = []
@@ -172,9 +181,37 @@ def band_losses(base: BaseModel, images: np.ndarray, prompts: list[str], per_ban
                 t = low + (high - low) * (2 * k + 1) // (2 * per_band)
                 steps = torch.full((len(latents),), t)
                 pred = pipe.unet(noising.add_noise(latents, noise, steps), steps, hidden).sample
-                errors.append(F.mse_loss(pred, noise).item())
+                if weights is None:
+                    errors.append(F.mse_loss(pred, noise).item())
+                else:
+                    squared = (pred - noise).pow(2).mean(dim=1, keepdim=True)
+                    errors.append(float((squared * weights).sum() / weights.sum()))
             out[f"{low}-{high}"] = round(float(np.mean(errors)), 4)
     return out
+
+
+def phrase_gains(base: BaseModel, count: int = 32, seed: int = 555) -> dict[str, dict[str, float]]:
+    """How much the base uses each look's phrase: 1 - error(look named) / error(content only), per timestep band.
+
+    Measured on true renders of the look at fixed noise; for fills, only inside the shape (where a fill is). A phrase
+    the base has bound lowers its error where the look is drawn; a gain near 0 means the words do not steer it."""
+    from PIL import Image
+
+    from sample_data.shapes import LOOKS, render, scenes, shape_mask, to_array, with_look
+
+    size = base.pipeline.unet.config.sample_size
+    gains = {}
+    for look in LOOKS:
+        drawn = with_look(scenes(seed, count), look)
+        images = np.stack([to_array(render(scene)) for scene in drawn])
+        regions = None
+        if LOOKS[look].slot == "fill":
+            masks = [shape_mask(scene).resize((size, size), Image.Resampling.BILINEAR) for scene in drawn]
+            regions = np.stack([np.asarray(mask, np.float32) / 255 for mask in masks])
+        named = band_losses(base, images, [s.prompt for s in drawn], per_band=3, regions=regions)
+        plain = band_losses(base, images, [s.content for s in drawn], per_band=3, regions=regions)
+        gains[look] = {band: round(1 - named[band] / plain[band], 3) for band in named}
+    return gains
 
 
 def load_images(style_dir: Path) -> np.ndarray:

@@ -3,7 +3,9 @@
     python bench/style_diagnosis.py [--style ink] [--no-ingredients] [training overrides, as bench/style_learning.py]
 
 1. The base model's ingredients: each named look of the demo world requested in a prompt ("..., with a thick
-   outline"), judged by the look classifier (trained only on ground-truth renders): how often it is drawn.
+   outline"), judged by the look classifier (trained only on ground-truth renders): how often it is drawn; and how
+   much naming the look lowers the base's denoising error on true renders of it (its phrase gain: near 0, the
+   words do not steer the model, and no adapter can bind them to a trigger).
 2. Memorization: the style set's own captions, one picture each at seeds 0..N-1, with and without the trigger word,
    for the base model and for the trained adapter: style score and content accuracy.
 3. The denoising error per timestep band on the style set (fixed noise and timesteps), before and after training:
@@ -33,6 +35,7 @@ from bench.style_common import (  # noqa: E402
     base_with_adapter,
     held_out_prompts,
     load_images,
+    phrase_gains,
     score,
     score_images,
     train_adapter,
@@ -89,6 +92,7 @@ def main() -> None:
             from sample_data.evaluate_demo import look_report
 
             result["base_ingredients"] = look_report(base, evaluator, args.ingredients)
+            result["base_phrase_gains"] = phrase_gains(base)
         result["base_memorization"] = memorization(base, args.style, evaluator, classifier, args.memorization)
         result["base_band_losses"] = band_losses(base, images, captions)
         del base
