@@ -93,7 +93,7 @@ def best_summary(records: list[dict[str, Any]], run_dir: str | Path, output: str
 
 
 class MetricsLog:
-    """Appends records to RUN_DIR/metrics.jsonl and to accelerate's trackers (TensorBoard), from the main process."""
+    """Keeps RUN_DIR/metrics.jsonl (rewritten atomically per record) and accelerate's trackers, on the main process."""
 
     def __init__(
         self,
@@ -112,7 +112,7 @@ class MetricsLog:
         self.records = [r for r in read_metrics(run_dir) if r["step"] <= self._last_step] if resume_step else []
         if write:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+            self._save()
             if accelerator is not None:  # TensorBoard writes to RUN_DIR/tensorboard, with the options as hparams
                 accelerator.init_trackers("tensorboard", config=_scalars(config or {}))
 
@@ -129,12 +129,15 @@ class MetricsLog:
         self.records.append(record)
         self._last_step = step
         if self.write:
-            # the whole file again (a few hundred short lines at most), atomically: never half a line
-            atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+            self._save()
             if self._accelerator is not None:
                 values = {k: record[k] for k in ("train_loss", "val_loss") if record.get(k) is not None}
                 self._accelerator.log(values, step=step)
         return record
+
+    def _save(self) -> None:
+        # the whole file again (a few hundred short lines at most), atomically: a killed run never leaves half a line
+        atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def train_step(self, step: int, losses: list[float]) -> None:
         """Log the recent training loss every TRAIN_LOSS_EVERY steps (unless this step already has a record)."""
